@@ -1,0 +1,168 @@
+"""The weights layout: which published repos and files the cascade reads, and clear errors when
+something is missing.
+
+A weights folder holds one sub-folder per Hugging Face Hub repo, laid out exactly as published:
+
+    weights/
+      show-1-base/           T5 text encoder + tokenizer, keyframe UNet, scheduler
+      show-1-interpolation/  interpolation UNet, scheduler
+      IF-II-L-v1.0/          DeepFloyd IF stage II UNet, schedulers (gated repo)
+      show-1-sr1/            video super-resolution 1 UNet, schedulers
+      show-1-sr2/            video super-resolution 2 UNet, VAE, CLIP text encoder + tokenizer, scheduler
+
+Only the components below are read: no T5 copies from the other repos, no safety checker,
+watermarker or feature extractor.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DOWNLOAD_HINT = "Run `script/download-weights {weights_dir}` to fetch the weights (see README.md, 'Weights')."
+
+# Local folder name -> Hub repo id.
+HUB_REPOS = {
+    "show-1-base": "showlab/show-1-base",
+    "show-1-interpolation": "showlab/show-1-interpolation",
+    "IF-II-L-v1.0": "DeepFloyd/IF-II-L-v1.0",
+    "show-1-sr1": "showlab/show-1-sr1",
+    "show-1-sr2": "showlab/show-1-sr2",
+}
+
+# The published model_index.json files name the UNet class of a package this project replaces.
+SHOW1_UNET_CLASS_NAMES = {("showone.models.unet_3d_condition", "UNet3DConditionModel")}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One sub-folder of a repo: the files that must be there and, for networks, the weights' stem."""
+
+    repo: str
+    folder: str
+    config_files: tuple
+    weights_stem: str = ""  # "" for components without weights (schedulers, tokenizers)
+
+    def path(self, weights_dir) -> Path:
+        return Path(weights_dir) / self.repo / self.folder
+
+
+def _scheduler(repo, folder="scheduler"):
+    return Component(repo, folder, ("scheduler_config.json",))
+
+
+def _diffusers_model(repo, folder):
+    return Component(repo, folder, ("config.json",), "diffusion_pytorch_model")
+
+
+def _transformers_model(repo, folder):
+    return Component(repo, folder, ("config.json",), "model")
+
+
+COMPONENTS = {
+    "text_encoder": _transformers_model("show-1-base", "text_encoder"),
+    "tokenizer": Component("show-1-base", "tokenizer", ()),  # spiece.model or tokenizer.json, see below
+    "keyframes_unet": _diffusers_model("show-1-base", "unet"),
+    "keyframes_scheduler": _scheduler("show-1-base"),
+    "interpolation_unet": _diffusers_model("show-1-interpolation", "unet"),
+    "interpolation_scheduler": _scheduler("show-1-interpolation"),
+    "first_frame_unet": _diffusers_model("IF-II-L-v1.0", "unet"),
+    "first_frame_scheduler": _scheduler("IF-II-L-v1.0"),
+    "first_frame_noising_scheduler": _scheduler("IF-II-L-v1.0", "image_noising_scheduler"),
+    "sr1_unet": _diffusers_model("show-1-sr1", "unet"),
+    "sr1_scheduler": _scheduler("show-1-sr1"),
+    "sr1_noising_scheduler": _scheduler("show-1-sr1", "image_noising_scheduler"),
+    "sr2_unet": _diffusers_model("show-1-sr2", "unet"),
+    "sr2_vae": _diffusers_model("show-1-sr2", "vae"),
+    "sr2_text_encoder": _transformers_model("show-1-sr2", "text_encoder"),
+    "sr2_tokenizer": Component("show-1-sr2", "tokenizer", ()),
+    "sr2_scheduler": _scheduler("show-1-sr2"),
+}
+
+# Tokenizers: either the fast tokenizer file or the slow originals (converted on load).
+TOKENIZER_FILES = {
+    "tokenizer": (("tokenizer.json",), ("spiece.model",)),
+    "sr2_tokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+}
+TOKENIZER_OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+class WeightsError(FileNotFoundError):
+    """A weights folder is missing, incomplete or does not match its manifest."""
+
+
+def _weight_file_candidates(stem):
+    """Weight file names in order of preference: safetensors before pickles, fp16 before full."""
+    pickle_stem = "pytorch_model" if stem == "model" else stem
+    names = []
+    for ext, base in (("safetensors", stem), ("bin", pickle_stem)):
+        names += [f"{base}.fp16.{ext}", f"{base}.{ext}", f"{base}.{ext}.index.fp16.json", f"{base}.{ext}.index.json"]
+    return names
+
+
+def resolve_weight_files(component_dir, stem) -> list:
+    """The weight files a network is loaded from: one file, or an index and its shards.
+    `stem` is "diffusion_pytorch_model" for diffusers models and "model" for transformers ones."""
+    component_dir = Path(component_dir)
+    for name in _weight_file_candidates(stem):
+        path = component_dir / name
+        if not path.is_file():
+            continue
+        if ".index" not in name:
+            return [path]
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return [path] + [component_dir / shard for shard in shards]
+    return []
+
+
+def required_files(weights_dir) -> list:
+    """Every file the cascade reads, as paths under weights_dir. Raises WeightsError naming
+    everything that is missing."""
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise WeightsError(f"The Show-1 weights folder {weights_dir} does not exist. " + DOWNLOAD_HINT.format(weights_dir=weights_dir))
+    files, missing = [], []
+    absent_repos = {repo for repo in HUB_REPOS if not (weights_dir / repo).is_dir()}
+    missing += [weights_dir / repo for repo in HUB_REPOS if repo in absent_repos]
+    for repo in [r for r in HUB_REPOS if r not in absent_repos]:
+        path = weights_dir / repo / "model_index.json"
+        (files if path.is_file() else missing).append(path)
+    for key, component in COMPONENTS.items():
+        if component.repo in absent_repos:
+            continue
+        folder = component.path(weights_dir)
+        if not folder.is_dir():
+            missing.append(folder)
+            continue
+        for name in component.config_files:
+            path = folder / name
+            (files if path.is_file() else missing).append(path)
+        if key in TOKENIZER_FILES:
+            choice = next((c for c in TOKENIZER_FILES[key] if all((folder / n).is_file() for n in c)), None)
+            if choice is None:
+                missing.append(folder / " or ".join("+".join(c) for c in TOKENIZER_FILES[key]))
+                continue
+            files += [folder / n for n in choice + TOKENIZER_OPTIONAL_FILES if (folder / n).is_file()]
+        if component.weights_stem and (folder / "config.json").is_file():
+            weight_files = resolve_weight_files(folder, component.weights_stem)
+            if not weight_files:
+                missing.append(folder / f"{component.weights_stem}.safetensors (or .bin)")
+            for path in weight_files:
+                (files if path.is_file() else missing).append(path)
+    if missing:
+        raise WeightsError(_missing_message(weights_dir, missing))
+    return files
+
+
+def _missing_message(weights_dir, missing):
+    shown = "\n".join(f"  - {p}" for p in missing[:20])
+    more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+    return (
+        f"The Show-1 weights in {weights_dir} are incomplete; missing:\n{shown}{more}\n"
+        + DOWNLOAD_HINT.format(weights_dir=weights_dir)
+    )
+
+
+def unet_class_name(weights_dir, repo) -> tuple:
+    """The (module, class) that a repo's model_index.json names for its UNet."""
+    index = json.loads((Path(weights_dir) / repo / "model_index.json").read_text())
+    return tuple(index["unet"])
