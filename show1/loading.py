@@ -65,3 +65,48 @@ def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
     if left_empty:
         raise CheckpointMismatchError(f"{folder}: tensors not initialised by the checkpoint: {left_empty[:10]}")
     return model.eval()
+
+
+# Classes a published model_index.json may name for the components the cascade reads. Anything
+# else is refused rather than imported.
+def _known_classes():
+    import diffusers
+    import transformers
+
+    from .models import UNet3DConditionModel
+    from .weights import SHOW1_UNET_CLASS_NAMES
+
+    known = {name: UNet3DConditionModel for name in SHOW1_UNET_CLASS_NAMES}
+    for cls in ("UNet2DConditionModel", "AutoencoderKL", "DPMSolverMultistepScheduler", "DDPMScheduler"):
+        known[("diffusers", cls)] = getattr(diffusers, cls)
+    for cls in ("T5EncoderModel", "CLIPTextModel", "T5Tokenizer", "T5TokenizerFast", "CLIPTokenizer", "CLIPTokenizerFast"):
+        known[("transformers", cls)] = getattr(transformers, cls)
+    return known
+
+
+def component_class(weights_dir, component):
+    """The class that the repo's model_index.json names for a component, mapped to this project."""
+    index_path = Path(weights_dir) / component.repo / "model_index.json"
+    index = json.loads(index_path.read_text())
+    name = tuple(index.get(component.folder) or ())
+    known = _known_classes()
+    if name not in known:
+        raise WeightsError(f"{index_path} names {name or 'nothing'} for {component.folder!r}; expected one of "
+                           f"{sorted(n for n in known)}")
+    return known[name]
+
+
+def load_transformers_model(cls, folder, dtype, device):
+    model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointMismatchError(f"{folder} does not match its config: {problems}")
+    return model.to(device).eval()
+
+
+def load_scheduler(cls, folder):
+    scheduler = cls.from_pretrained(folder)
+    if "final_sigmas_type" in scheduler.config:
+        # The reference's DPM-Solver ends its last step at the smallest trained noise level, not at 0.
+        scheduler = cls.from_config(scheduler.config, final_sigmas_type="sigma_min")
+    return scheduler

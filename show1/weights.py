@@ -99,19 +99,57 @@ def _weight_file_candidates(stem):
     return names
 
 
+def pick_weight_files(names, stem, read_index) -> list:
+    """The weight files a network is loaded from, chosen among `names` (the file names in its folder):
+    one file, or an index followed by its shards. `read_index(name)` returns an index's parsed JSON.
+    Works on a folder on disk and on a repo listing alike, so downloading and loading agree."""
+    for name in _weight_file_candidates(stem):
+        if name not in names:
+            continue
+        if ".index" not in name:
+            return [name]
+        return [name] + sorted(set(read_index(name)["weight_map"].values()))
+    return []
+
+
+def component_files(key, names, read_index) -> tuple:
+    """(found, missing): the names of the files the cascade reads from component `key`'s folder,
+    chosen among `names`, and descriptions of the ones that are absent."""
+    component = COMPONENTS[key]
+    found, missing = [], []
+    for name in component.config_files:
+        (found if name in names else missing).append(name)
+    if key in TOKENIZER_FILES:
+        choice = next((c for c in TOKENIZER_FILES[key] if all(n in names for n in c)), None)
+        if choice is None:
+            missing.append(" or ".join("+".join(c) for c in TOKENIZER_FILES[key]))
+        else:
+            found += [n for n in choice + TOKENIZER_OPTIONAL_FILES if n in names]
+    # Without a config the network cannot be built, so its weights are not looked for.
+    if component.weights_stem and "config.json" in names:
+        weight_files = pick_weight_files(names, component.weights_stem, read_index)
+        if not weight_files:
+            missing.append(f"{component.weights_stem}.safetensors (or .bin)")
+        for name in weight_files:
+            (found if name in names else missing).append(name)
+    return found, missing
+
+
+def _file_names(folder) -> set:
+    folder = Path(folder)
+    return {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+
+
+def _index_reader(folder):
+    return lambda name: json.loads((Path(folder) / name).read_text())
+
+
 def resolve_weight_files(component_dir, stem) -> list:
     """The weight files a network is loaded from: one file, or an index and its shards.
     `stem` is "diffusion_pytorch_model" for diffusers models and "model" for transformers ones."""
     component_dir = Path(component_dir)
-    for name in _weight_file_candidates(stem):
-        path = component_dir / name
-        if not path.is_file():
-            continue
-        if ".index" not in name:
-            return [path]
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return [path] + [component_dir / shard for shard in shards]
-    return []
+    names = pick_weight_files(_file_names(component_dir), stem, _index_reader(component_dir))
+    return [component_dir / name for name in names]
 
 
 def required_files(weights_dir) -> list:
@@ -133,21 +171,9 @@ def required_files(weights_dir) -> list:
         if not folder.is_dir():
             missing.append(folder)
             continue
-        for name in component.config_files:
-            path = folder / name
-            (files if path.is_file() else missing).append(path)
-        if key in TOKENIZER_FILES:
-            choice = next((c for c in TOKENIZER_FILES[key] if all((folder / n).is_file() for n in c)), None)
-            if choice is None:
-                missing.append(folder / " or ".join("+".join(c) for c in TOKENIZER_FILES[key]))
-                continue
-            files += [folder / n for n in choice + TOKENIZER_OPTIONAL_FILES if (folder / n).is_file()]
-        if component.weights_stem and (folder / "config.json").is_file():
-            weight_files = resolve_weight_files(folder, component.weights_stem)
-            if not weight_files:
-                missing.append(folder / f"{component.weights_stem}.safetensors (or .bin)")
-            for path in weight_files:
-                (files if path.is_file() else missing).append(path)
+        found, absent = component_files(key, _file_names(folder), _index_reader(folder))
+        files += [folder / name for name in found]
+        missing += [folder / name for name in absent]
     if missing:
         raise WeightsError(_missing_message(weights_dir, missing))
     return files

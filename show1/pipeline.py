@@ -1,0 +1,150 @@
+"""Show1Pipeline: a prompt -> Show-1's 29-frame 576x320 video, through five stages.
+
+    text (T5, once) -> keyframes 8x64x40 -> interpolation 29x64x40 -> first frame 256x160
+      -> video super-resolution 1 29x256x160 -> video super-resolution 2 (latent) 29x576x320
+"""
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+from tqdm.auto import tqdm
+
+from .frames import to_uint8_frames
+from .manifest import check_manifest_sizes
+from .loading import component_class, load_diffusers_model, load_scheduler, load_transformers_model
+from .settings import Show1Settings
+from .stages import generate_keyframes, interpolate_keyframes, refine_video, upscale_first_frame, upscale_video
+from .text import encode_clip, encode_t5
+from .weights import COMPONENTS, required_files
+
+STAGE_NAMES = ("text", "keyframes", "interpolation", "first_frame", "sr1", "sr2")
+
+
+@dataclass
+class Show1Output(BaseOutput):
+    """`frames`: uint8 [F, H, W, 3] of the last stage run. The intermediate stages as float
+    tensors in [-1, 1], [1, 3, F, H, W] (None when not run), and seconds per stage."""
+
+    frames: np.ndarray
+    keyframes: Optional[torch.Tensor] = None
+    interpolated: Optional[torch.Tensor] = None
+    first_frame: Optional[torch.Tensor] = None
+    sr1: Optional[torch.Tensor] = None
+    timings: dict = field(default_factory=dict)
+
+
+def text_encoder_dtype(dtype):
+    # T5-XXL's activations overflow float16; bfloat16 has float32's range.
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def load_component(weights_dir, key, device, dtype):
+    component = COMPONENTS[key]
+    folder = component.path(weights_dir)
+    cls = component_class(weights_dir, component)
+    if component.folder.endswith("scheduler"):
+        return load_scheduler(cls, folder)
+    if component.folder == "tokenizer":
+        return cls.from_pretrained(folder)
+    if component.weights_stem == "model":
+        return load_transformers_model(cls, folder, text_encoder_dtype(dtype), device)
+    return load_diffusers_model(cls, folder, dtype=dtype, device=device)
+
+
+class Show1Pipeline:
+    def __init__(self, components: dict, device, dtype):
+        self.components = components
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._progress_config = {}
+
+    @classmethod
+    def from_pretrained(cls, weights_dir, device="cpu", dtype=torch.float32):
+        """Loads every stage from a weights folder laid out as the five Hub repos (see show1.weights)."""
+        check_manifest_sizes(weights_dir)
+        required_files(weights_dir)
+        components = {key: load_component(weights_dir, key, device, dtype) for key in COMPONENTS}
+        return cls(components, device, dtype)
+
+    def set_progress_bar_config(self, **kwargs):
+        """tqdm options for the per-stage progress bars, e.g. disable=True."""
+        self._progress_config.update(kwargs)
+
+    def _progress(self, desc):
+        return lambda steps: tqdm(steps, desc=desc, **self._progress_config)
+
+    @contextmanager
+    def _timed(self, stage, timings, on_stage_end):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings[stage] = time.perf_counter() - start
+        if on_stage_end is not None:
+            on_stage_end(stage, timings[stage])
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, on_stage_end: Optional[Callable[[str, float], None]] = None, **settings):
+        """Generates a video. Keyword settings and their defaults: show1.settings.Show1Settings;
+        `output_stage` stops early. on_stage_end(stage, seconds) is called after each stage."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("The prompt is empty: describe the video to generate.")
+        s = Show1Settings(**settings)
+        c, timings = self.components, {}
+
+        def stage(name):
+            return self._timed(name, timings, on_stage_end)
+
+        with stage("text"):
+            text = encode_t5(c["tokenizer"], c["text_encoder"], prompt).to(self.dtype)
+        with stage("keyframes"):
+            keyframes = generate_keyframes(
+                c["keyframes_unet"], c["keyframes_scheduler"], text,
+                steps=s.keyframe_steps, guidance=s.keyframe_guidance, seed=s.seed, progress=self._progress("keyframes"),
+            )
+        result = Show1Output(frames=None, keyframes=keyframes, timings=timings)
+        if s.output_stage == "keyframes":
+            return self._finish(result, keyframes)
+
+        with stage("interpolation"):
+            result.interpolated = interpolate_keyframes(
+                c["interpolation_unet"], c["interpolation_scheduler"], text, keyframes,
+                steps=s.interpolation_steps, guidance=s.interpolation_guidance, seed=s.seed,
+                progress=self._progress("interpolation"),
+            )
+        if s.output_stage == "interpolated":
+            return self._finish(result, result.interpolated)
+
+        with stage("first_frame"):
+            result.first_frame = upscale_first_frame(
+                c["first_frame_unet"], c["first_frame_scheduler"], c["first_frame_noising_scheduler"], text,
+                result.interpolated[:, :, :1], steps=s.first_frame_steps, guidance=s.first_frame_guidance,
+                noise_level=s.first_frame_noise_level, seed=s.seed, progress=self._progress("first frame"),
+            )
+        with stage("sr1"):
+            result.sr1 = upscale_video(
+                c["sr1_unet"], c["sr1_scheduler"], c["sr1_noising_scheduler"], text, result.interpolated,
+                result.first_frame, steps=s.sr1_steps, guidance=s.sr1_guidance, noise_level=s.sr1_noise_level,
+                seed=s.seed, progress=self._progress("super-resolution 1"),
+            )
+        if s.output_stage == "sr1":
+            return self._finish(result, result.sr1)
+
+        with stage("sr2"):
+            clip_text = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], prompt, s.negative_prompt).to(self.dtype)
+            video = refine_video(
+                c["sr2_unet"], c["sr2_vae"], c["sr2_scheduler"], clip_text, result.sr1,
+                steps=s.sr2_steps, strength=s.sr2_strength, guidance=s.sr2_guidance, seed=s.seed,
+                progress=self._progress("super-resolution 2"),
+            )
+        return self._finish(result, video)
+
+    @staticmethod
+    def _finish(result, video):
+        result.frames = to_uint8_frames(video)
+        return result

@@ -1,0 +1,77 @@
+"""The guided denoising loop shared by every stage, and seeded noise.
+
+Every stage is the same algorithm: start from noise, and at each timestep run the network on the
+classifier-free guidance batch [unconditional, conditional] with the stage's condition
+concatenated on channels, guide the noise half of the output, and let the scheduler step on the
+frames. The variance half of the output is kept only for schedulers that learned it (IF-II's DDPM).
+"""
+
+import torch
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A fresh CPU generator: every stage draws from its own, seeded with the user's seed, so the
+    draws match the reference's whatever the device."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def randn(shape, generator, device, dtype):
+    """Normal noise drawn on the CPU in float32, then moved, so that devices and dtypes agree."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def frames_to_batch(video):
+    """[B, C, F, H, W] -> [B*F, C, H, W]: schedulers (and their thresholding) work per frame."""
+    b, c, f, h, w = video.shape
+    return video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+def batch_to_frames(images, num_frames):
+    bf, c, h, w = images.shape
+    return images.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def scheduler_step(scheduler, noise_pred, t, sample, generator):
+    """One scheduler step on a video, frame by frame."""
+    num_frames = sample.shape[2]
+    prev = scheduler.step(frames_to_batch(noise_pred), t, frames_to_batch(sample), generator=generator).prev_sample
+    return batch_to_frames(prev, num_frames)
+
+
+@torch.no_grad()
+def guided_denoise(denoiser, scheduler, sample, timesteps, guidance_scale, condition=None, generator=None, progress=iter):
+    """Runs classifier-free guided sampling on a video.
+
+    denoiser(model_input, t) -> output, both [2B, C, F, H, W], where model_input is the guidance
+    batch of [sample ++ condition] and the first `sample.shape[1]` output channels are the noise.
+    """
+    channels = sample.shape[1]
+    learned_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
+    for t in progress(timesteps):
+        model_input = sample if condition is None else torch.cat([sample, condition], dim=1)
+        model_input = scheduler.scale_model_input(torch.cat([model_input, model_input]), t)
+        uncond, cond = denoiser(model_input, t).chunk(2)
+        noise_pred = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+        if learned_variance:
+            noise_pred = torch.cat([noise_pred, cond[:, channels:]], dim=1)
+        sample = scheduler_step(scheduler, noise_pred, t, sample, generator)
+    return sample
+
+
+def unet_denoiser(unet, text_states, class_labels=None):
+    """The denoiser of a Show-1 video UNet with fixed text states (and condition noise level)."""
+
+    def denoise(model_input, t):
+        return unet(model_input, t, encoder_hidden_states=text_states, class_labels=class_labels).sample
+
+    return denoise
+
+
+def image_unet_denoiser(unet, text_states, class_labels=None):
+    """The denoiser of a 2-D image UNet used on one-frame videos [B, C, 1, H, W]."""
+
+    def denoise(model_input, t):
+        out = unet(model_input[:, :, 0], t, encoder_hidden_states=text_states, class_labels=class_labels).sample
+        return out[:, :, None]
+
+    return denoise

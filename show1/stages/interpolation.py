@@ -1,0 +1,46 @@
+"""Stage 2: 8 keyframes -> 29 frames, three new frames between each pair of keyframes.
+
+Each of the 7 segments denoises 5 frames whose ends are two neighbouring keyframes. The condition
+is the linear blend of the two keyframes over the 5 frames plus a mask marking the ends. All
+segments start from the same noise and depend only on the keyframes, so they run as one batch.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling import guided_denoise, randn, seeded_generator, unet_denoiser
+
+SEGMENT_FRAMES = 5  # keyframe, 3 new frames, keyframe
+
+
+def segment_conditions(keyframes):
+    """[1, 3, K, H, W] -> [K-1, 4, 5, H, W]: blend of each keyframe pair ++ endpoint mask."""
+    pairs = torch.stack([keyframes[0, :, :-1], keyframes[0, :, 1:]], dim=2).transpose(0, 1)  # [K-1, 3, 2, H, W]
+    *_, height, width = keyframes.shape
+    blend = F.interpolate(pairs, (SEGMENT_FRAMES, height, width), mode="trilinear", align_corners=True)
+    mask = torch.zeros_like(blend[:, :1])
+    mask[:, :, [0, -1]] = 1
+    return torch.cat([blend, mask], dim=1)
+
+
+def place_segments(segments):
+    """[K-1, 3, 5, H, W] -> [1, 3, 4(K-1)+1, H, W]; a later segment overwrites the frame it shares."""
+    count = segments.shape[0]
+    video = segments.new_zeros((1, segments.shape[1], 4 * count + 1, *segments.shape[3:]))
+    for i in range(count):
+        video[0, :, 4 * i : 4 * i + SEGMENT_FRAMES] = segments[i]
+    return video
+
+
+def interpolate_keyframes(unet, scheduler, text, keyframes, *, steps, guidance, seed, progress=iter) -> torch.Tensor:
+    """[1, 3, 8, 40, 64] -> [1, 3, 29, 40, 64]."""
+    device, dtype = unet.device, unet.dtype
+    keyframes = keyframes.to(device=device, dtype=dtype)
+    condition = segment_conditions(keyframes)
+    count, channels = condition.shape[0], keyframes.shape[1]
+    init_noise = randn((1, channels, SEGMENT_FRAMES, *keyframes.shape[3:]), seeded_generator(seed), device, dtype)
+    sample = init_noise.expand(count, -1, -1, -1, -1).contiguous()
+    scheduler.set_timesteps(steps, device=device)
+    denoiser = unet_denoiser(unet, text.guidance_batch(count))
+    segments = guided_denoise(denoiser, scheduler, sample, scheduler.timesteps, guidance, condition, progress=progress)
+    return place_segments(segments)
