@@ -25,3 +25,30 @@ def expected(name):
 def tiny_weights() -> Path:
     """Tiny random weights in the published layout (read-only: copy before changing anything)."""
     return REFERENCE_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_weights):
+    """The whole cascade on the tiny reference weights, CPU float32, progress bars off."""
+    from show1 import Show1Pipeline
+
+    pipe = Show1Pipeline.from_pretrained(tiny_weights, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def reference_text():
+    """The reference's T5 states for the fixture prompt (inputs of the pixel stages)."""
+    from show1.text import PromptEmbeddings
+
+    t5 = expected("t5")
+    return PromptEmbeddings(torch.from_numpy(t5["negative_prompt_embeds"]), torch.from_numpy(t5["prompt_embeds"]))
+
+
+@pytest.fixture(scope="session")
+def reference_settings():
+    """The settings the reference fixtures were produced with."""
+    import json
+
+    return json.loads((EXPECTED / "settings.json").read_text())

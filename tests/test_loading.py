@@ -1,0 +1,128 @@
+"""Loading published folders: every checkpoint format, strict keys, and errors that say what to do."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import REFERENCE_WEIGHTS
+from show1 import Show1Pipeline
+from show1.loading import CheckpointMismatchError, read_state_dict
+from show1.models import UNet3DConditionModel
+from show1.weights import WeightsError
+
+UNET = REFERENCE_WEIGHTS / "show-1-interpolation" / "unet"
+
+
+@pytest.fixture
+def unet_folder(tmp_path):
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    shutil.copy(UNET / "config.json", folder)
+    return folder
+
+
+def original_state():
+    return torch.load(UNET / "diffusion_pytorch_model.bin", weights_only=True)
+
+
+def assert_loads_original(folder, dtype=torch.float32):
+    unet = UNet3DConditionModel.from_pretrained(folder, torch_dtype=dtype)
+    for key, tensor in original_state().items():
+        assert torch.equal(unet.state_dict()[key], tensor.to(dtype)), key
+
+
+def test_single_bin(unet_folder):
+    shutil.copy(UNET / "diffusion_pytorch_model.bin", unet_folder)
+    assert_loads_original(unet_folder)
+
+
+def test_safetensors_and_fp16_variant(unet_folder):
+    state = original_state()
+    save_file({k: v.float() for k, v in state.items()}, unet_folder / "diffusion_pytorch_model.safetensors")
+    save_file(state, unet_folder / "diffusion_pytorch_model.fp16.safetensors")
+    # The fp16 variant is preferred; loading it gives the stored dtype unless one is asked for.
+    assert UNet3DConditionModel.from_pretrained(unet_folder).dtype == torch.float16
+    assert_loads_original(unet_folder)
+
+
+def test_sharded_bin(unet_folder):
+    state = original_state()
+    keys = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.bin": keys[::2], "diffusion_pytorch_model-00002-of-00002.bin": keys[1::2]}
+    weight_map = {}
+    for name, shard_keys in shards.items():
+        torch.save({k: state[k] for k in shard_keys}, unet_folder / name)
+        weight_map.update({k: name for k in shard_keys})
+    (unet_folder / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_loads_original(unet_folder)
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "shape"])
+def test_mismatched_checkpoint_names_the_key(unet_folder, change):
+    state = original_state()
+    key = "down_blocks.1.temp_convs.0.conv2.3.weight"
+    if change == "missing":
+        del state[key]
+    elif change == "unexpected":
+        key = "down_blocks.1.not_a_layer.weight"
+        state[key] = torch.zeros(1)
+    else:
+        state[key] = state[key][:, :1]
+    torch.save(state, unet_folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")):
+        UNet3DConditionModel.from_pretrained(unet_folder)
+
+
+class NotATensor:
+    pass
+
+
+def test_pickles_are_read_without_arbitrary_code(unet_folder):
+    torch.save({"x": NotATensor()}, unet_folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        read_state_dict([unet_folder / "diffusion_pytorch_model.bin"])
+
+
+@pytest.fixture
+def weights_copy(tmp_path):
+    target = tmp_path / "weights"
+    shutil.copytree(REFERENCE_WEIGHTS, target)
+    return target
+
+
+def test_missing_repo_folder_is_named_with_the_fix(weights_copy):
+    shutil.rmtree(weights_copy / "IF-II-L-v1.0")
+    with pytest.raises(WeightsError) as error:
+        Show1Pipeline.from_pretrained(weights_copy)
+    assert "IF-II-L-v1.0" in str(error.value) and "script/download-weights" in str(error.value)
+
+
+def test_missing_file_is_named(weights_copy):
+    (weights_copy / "show-1-sr2" / "vae" / "diffusion_pytorch_model.bin").unlink()
+    with pytest.raises(WeightsError, match=r"show-1-sr2/vae/diffusion_pytorch_model"):
+        Show1Pipeline.from_pretrained(weights_copy)
+
+
+def test_missing_weights_folder(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        Show1Pipeline.from_pretrained(tmp_path / "nowhere")
+
+
+def test_unknown_class_in_model_index_is_refused(weights_copy):
+    index_path = weights_copy / "show-1-sr2" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["vae"] = ["somepackage", "Autoencoder"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match="somepackage"):
+        Show1Pipeline.from_pretrained(weights_copy)
+
+
+def test_loads_only_what_the_cascade_uses(tiny_weights):
+    pipe = Show1Pipeline.from_pretrained(tiny_weights)
+    t5_encoders = [c for c in pipe.components.values() if type(c).__name__ == "T5EncoderModel"]
+    assert len(t5_encoders) == 1
+    assert not any(c.training for c in pipe.components.values() if isinstance(c, torch.nn.Module))
+    assert "feature_extractor" not in pipe.components and "safety_checker" not in pipe.components
