@@ -3,10 +3,13 @@
 import json
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from safetensors.torch import load_file
 
-from .weights import WeightsError, resolve_weight_files
+from .models import UNet3DConditionModel
+from .weights import SHOW1_UNET_CLASS_NAMES, WeightsError, resolve_weight_files
 
 
 class CheckpointMismatchError(ValueError):
@@ -69,19 +72,17 @@ def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
 
 # Classes a published model_index.json may name for the components the cascade reads. Anything
 # else is refused rather than imported.
-def _known_classes():
-    import diffusers
-    import transformers
-
-    from .models import UNet3DConditionModel
-    from .weights import SHOW1_UNET_CLASS_NAMES
-
-    known = {name: UNet3DConditionModel for name in SHOW1_UNET_CLASS_NAMES}
-    for cls in ("UNet2DConditionModel", "AutoencoderKL", "DPMSolverMultistepScheduler", "DDPMScheduler"):
-        known[("diffusers", cls)] = getattr(diffusers, cls)
-    for cls in ("T5EncoderModel", "CLIPTextModel", "T5Tokenizer", "T5TokenizerFast", "CLIPTokenizer", "CLIPTokenizerFast"):
-        known[("transformers", cls)] = getattr(transformers, cls)
-    return known
+KNOWN_CLASSES = {
+    **{name: UNet3DConditionModel for name in SHOW1_UNET_CLASS_NAMES},
+    **{("diffusers", cls.__name__): cls for cls in (
+        diffusers.UNet2DConditionModel, diffusers.AutoencoderKL,
+        diffusers.DPMSolverMultistepScheduler, diffusers.DDPMScheduler,
+    )},
+    **{("transformers", cls.__name__): cls for cls in (
+        transformers.T5EncoderModel, transformers.CLIPTextModel, transformers.T5Tokenizer,
+        transformers.T5TokenizerFast, transformers.CLIPTokenizer, transformers.CLIPTokenizerFast,
+    )},
+}
 
 
 def component_class(weights_dir, component):
@@ -89,11 +90,10 @@ def component_class(weights_dir, component):
     index_path = Path(weights_dir) / component.repo / "model_index.json"
     index = json.loads(index_path.read_text())
     name = tuple(index.get(component.folder) or ())
-    known = _known_classes()
-    if name not in known:
+    if name not in KNOWN_CLASSES:
         raise WeightsError(f"{index_path} names {name or 'nothing'} for {component.folder!r}; expected one of "
-                           f"{sorted(n for n in known)}")
-    return known[name]
+                           f"{sorted(KNOWN_CLASSES)}")
+    return KNOWN_CLASSES[name]
 
 
 def load_transformers_model(cls, folder, dtype, device):
