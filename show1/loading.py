@@ -104,9 +104,13 @@ def load_transformers_model(cls, folder, dtype, device):
     return model.to(device).eval()
 
 
-def load_scheduler(cls, folder):
-    scheduler = cls.from_pretrained(folder)
+def scheduler_from_config(cls, config):
+    scheduler = cls.from_config(config)
     if "final_sigmas_type" in scheduler.config:
         # The reference's DPM-Solver ends its last step at the smallest trained noise level, not at 0.
         scheduler = cls.from_config(scheduler.config, final_sigmas_type="sigma_min")
     return scheduler
+
+
+def load_scheduler(cls, folder):
+    return scheduler_from_config(cls, cls.load_config(folder))

@@ -22,7 +22,35 @@ from .stages import generate_keyframes, interpolate_keyframes, refine_video, ups
 from .text import encode_clip, encode_t5
 from .weights import COMPONENTS, required_files
 
-STAGE_NAMES = ("text", "keyframes", "interpolation", "first_frame", "sr1", "sr2")
+# The networks each stage runs, in order. A plan with offloading moves exactly these to the device.
+STAGE_NETWORKS = {
+    "text": ("text_encoder",),
+    "keyframes": ("keyframes_unet",),
+    "interpolation": ("interpolation_unet",),
+    "first_frame": ("first_frame_unet",),
+    "sr1": ("sr1_unet",),
+    "sr2": ("sr2_text_encoder", "sr2_unet", "sr2_vae"),
+}
+STAGE_NAMES = tuple(STAGE_NETWORKS)
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Where the networks wait and how the work is batched: never what is computed.
+
+    offload: networks wait on the CPU and visit the device only for their own stage, so the peak
+        memory is that of the largest stage rather than of all of them (for 24 GB GPUs).
+    interpolation_batch: interpolation segments per UNet call; None runs all 7 in one batch.
+    """
+
+    offload: bool = False
+    interpolation_batch: Optional[int] = None
+
+
+RESIDENT = ExecutionPlan()
+LOW_MEMORY = ExecutionPlan(offload=True)
+# How the reference runs: every stage offloaded to the CPU between uses, one segment per call.
+REFERENCE_PLAN = ExecutionPlan(offload=True, interpolation_batch=1)
 
 
 @dataclass
@@ -38,9 +66,13 @@ class Show1Output(BaseOutput):
     timings: dict = field(default_factory=dict)
 
 
-def text_encoder_dtype(dtype):
-    # T5-XXL's activations overflow float16; bfloat16 has float32's range.
-    return torch.bfloat16 if dtype == torch.float16 else dtype
+def network_dtype(component, dtype):
+    """The dtype a network runs in when the pipeline runs in `dtype`. The text encoders
+    (transformers models) run in bfloat16 instead of float16: T5-XXL's activations overflow
+    float16, and bfloat16 has float32's range."""
+    if component.weights_stem == "model" and dtype == torch.float16:
+        return torch.bfloat16
+    return dtype
 
 
 def load_component(weights_dir, key, device, dtype):
@@ -52,24 +84,28 @@ def load_component(weights_dir, key, device, dtype):
     if component.folder == "tokenizer":
         return cls.from_pretrained(folder)
     if component.weights_stem == "model":
-        return load_transformers_model(cls, folder, text_encoder_dtype(dtype), device)
+        return load_transformers_model(cls, folder, network_dtype(component, dtype), device)
     return load_diffusers_model(cls, folder, dtype=dtype, device=device)
 
 
 class Show1Pipeline:
-    def __init__(self, components: dict, device, dtype):
+    def __init__(self, components: dict, device, dtype, plan: ExecutionPlan = RESIDENT):
         self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
+        self.plan = plan
         self._progress_config = {}
 
     @classmethod
-    def from_pretrained(cls, weights_dir, device="cpu", dtype=torch.float32):
-        """Loads every stage from a weights folder laid out as the five Hub repos (see show1.weights)."""
+    def from_pretrained(cls, weights_dir, device="cpu", dtype=torch.float32, low_memory=False):
+        """Loads every stage from a weights folder laid out as the five Hub repos (see show1.weights).
+        low_memory keeps the networks on the CPU between their uses (see ExecutionPlan)."""
         check_manifest_sizes(weights_dir)
         required_files(weights_dir)
-        components = {key: load_component(weights_dir, key, device, dtype) for key in COMPONENTS}
-        return cls(components, device, dtype)
+        plan = LOW_MEMORY if low_memory else RESIDENT
+        home = "cpu" if plan.offload else device
+        components = {key: load_component(weights_dir, key, home, dtype) for key in COMPONENTS}
+        return cls(components, device, dtype, plan)
 
     def set_progress_bar_config(self, **kwargs):
         """tqdm options for the per-stage progress bars, e.g. disable=True."""
@@ -79,11 +115,24 @@ class Show1Pipeline:
         return lambda steps: tqdm(steps, desc=desc, **self._progress_config)
 
     @contextmanager
+    def _networks_on_device(self, stage):
+        """With offloading, the stage's networks visit the device for the stage only."""
+        networks = [self.components[key] for key in STAGE_NETWORKS[stage]] if self.plan.offload else []
+        for network in networks:
+            network.to(self.device)
+        try:
+            yield
+        finally:
+            for network in networks:
+                network.to("cpu")
+
+    @contextmanager
     def _timed(self, stage, timings, on_stage_end):
         start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        with self._networks_on_device(stage):
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         timings[stage] = time.perf_counter() - start
         if on_stage_end is not None:
             on_stage_end(stage, timings[stage])
@@ -115,7 +164,7 @@ class Show1Pipeline:
             result.interpolated = interpolate_keyframes(
                 c["interpolation_unet"], c["interpolation_scheduler"], text, keyframes,
                 steps=s.interpolation_steps, guidance=s.interpolation_guidance, seed=s.seed,
-                progress=self._progress("interpolation"),
+                segments_per_batch=self.plan.interpolation_batch, progress=self._progress("interpolation"),
             )
         if s.output_stage == "interpolated":
             return self._finish(result, result.interpolated)

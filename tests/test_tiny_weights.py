@@ -21,7 +21,7 @@ from conftest import REFERENCE_WEIGHTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "make-tiny-weights"
-CONFIGS = json.loads((ROOT / "script" / "tiny_weights_configs.json").read_text(encoding="utf-8"))["repos"]
+CONFIGS = json.loads((ROOT / "show1" / "configs" / "tiny.json").read_text(encoding="utf-8"))["repos"]
 
 # Three runs: seed 0 twice to check reproducibility, seed 1 in the other format.
 RUNS = {

@@ -77,3 +77,10 @@ def _kind(module_name):
     if "temp_attentions" in module_name or module_name.startswith("transformer_in"):
         return "temporal"
     return "spatial"
+
+
+@pytest.mark.parametrize("name", sorted(UNETS))
+def test_every_attention_uses_fused_sdpa(name):
+    """A plain attention matrix of the 576x320 stage would need ~62 GB; SDPA processors never build it."""
+    processors = {type(m.processor).__name__ for m in load_unet(name).modules() if isinstance(m, Attention)}
+    assert processors and processors <= {"AttnProcessor2_0", "AttnAddedKVProcessor2_0"}, processors

@@ -32,15 +32,22 @@ def place_segments(segments):
     return video
 
 
-def interpolate_keyframes(unet, scheduler, text, keyframes, *, steps, guidance, seed, progress=iter) -> torch.Tensor:
-    """[1, 3, 8, 40, 64] -> [1, 3, 29, 40, 64]."""
+def interpolate_keyframes(
+    unet, scheduler, text, keyframes, *, steps, guidance, seed, segments_per_batch=None, progress=iter
+) -> torch.Tensor:
+    """[1, 3, 8, 40, 64] -> [1, 3, 29, 40, 64]. The segments are denoised `segments_per_batch` at a
+    time (default: all at once); the result does not depend on it."""
     device, dtype = unet.device, unet.dtype
     keyframes = keyframes.to(device=device, dtype=dtype)
-    condition = segment_conditions(keyframes)
-    count, channels = condition.shape[0], keyframes.shape[1]
-    init_noise = randn((1, channels, SEGMENT_FRAMES, *keyframes.shape[3:]), seeded_generator(seed), device, dtype)
-    sample = init_noise.expand(count, -1, -1, -1, -1).contiguous()
-    scheduler.set_timesteps(steps, device=device)
-    denoiser = unet_denoiser(unet, text.guidance_batch(count))
-    segments = guided_denoise(denoiser, scheduler, sample, scheduler.timesteps, guidance, condition, progress=progress)
-    return place_segments(segments)
+    conditions = segment_conditions(keyframes)
+    init_noise = randn((1, keyframes.shape[1], SEGMENT_FRAMES, *keyframes.shape[3:]), seeded_generator(seed), device, dtype)
+
+    def denoise(condition):
+        count = condition.shape[0]
+        scheduler.set_timesteps(steps, device=device)
+        denoiser = unet_denoiser(unet, text.guidance_batch(count))
+        sample = init_noise.expand(count, -1, -1, -1, -1).contiguous()
+        return guided_denoise(denoiser, scheduler, sample, scheduler.timesteps, guidance, condition, progress=progress)
+
+    batches = conditions.split(segments_per_batch or conditions.shape[0])
+    return place_segments(torch.cat([denoise(condition) for condition in batches]))

@@ -1,0 +1,156 @@
+"""Speed and memory of the cascade, on random weights: nothing is downloaded.
+
+Every network is built from the configs in show1/configs (`published`: the sizes on the Hub;
+`tiny`: the test weights' sizes) directly on the device. The schedulers are the published ones;
+the tokenizers are small stand-ins (they only turn the prompt into token ids). The same networks
+then run under one or more execution plans (show1.pipeline.ExecutionPlan), so the speed-up over
+the reference's plan is a ratio measured in one process, on one device.
+"""
+
+import json
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loading import KNOWN_CLASSES, scheduler_from_config
+from .pipeline import LOW_MEMORY, REFERENCE_PLAN, RESIDENT, STAGE_NETWORKS, Show1Pipeline, network_dtype
+from .random_weights import TOKENIZER_WRITERS, build_network, randomise
+from .weights import COMPONENTS
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+SIZES = ("published", "tiny")
+PLANS = {"optimized": RESIDENT, "low-memory": LOW_MEMORY, "reference": REFERENCE_PLAN}
+PROMPT = "A panda taking a selfie, 4k, high resolution"
+GIB = 2**30
+
+
+def tiny_repos() -> dict:
+    """The tiny weights' data: model_index.json, scheduler configs and tokenizer material per repo."""
+    return json.loads((CONFIGS / "tiny.json").read_text(encoding="utf-8"))["repos"]
+
+
+def network_config(size, component, repos) -> dict:
+    if size == "published":
+        return json.loads((CONFIGS / "published.json").read_text(encoding="utf-8"))[component.repo][component.folder]
+    return repos[component.repo]["folders"][component.folder]["config"]
+
+
+def random_network(class_name, config, device, dtype, generator):
+    """A network built on `device` (no copy from the CPU) with random weights, in eval mode."""
+    with torch.device(device):
+        network = build_network(class_name, config)
+    network.to(dtype)
+    randomise(network, generator)
+    return network.eval()
+
+
+def random_components(size, device, dtype, seed=0) -> dict:
+    """Every component the pipeline reads (show1.weights.COMPONENTS), networks at `size`."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    repos = tiny_repos()
+    generator = torch.Generator(device).manual_seed(seed)
+    components = {}
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        for key, component in COMPONENTS.items():
+            spec = repos[component.repo]
+            class_name = tuple(spec["model_index"][component.folder])
+            entry = spec["folders"][component.folder]
+            if class_name[1].endswith("Scheduler"):
+                components[key] = scheduler_from_config(KNOWN_CLASSES[class_name], entry["config"])
+            elif class_name[1] in TOKENIZER_WRITERS:
+                folder = Path(tokenizer_dir) / component.repo / component.folder
+                folder.mkdir(parents=True)
+                TOKENIZER_WRITERS[class_name[1]](folder, entry, spec["folders"]["text_encoder"]["config"])
+                components[key] = KNOWN_CLASSES[class_name].from_pretrained(folder)
+            else:
+                config = network_config(size, component, repos)
+                components[key] = random_network(class_name, config, device, network_dtype(component, dtype), generator)
+    return components
+
+
+def weight_bytes(network) -> int:
+    return sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
+
+
+def stage_weight_bytes(components) -> dict:
+    """Bytes of weights each stage needs on the device."""
+    return {stage: sum(weight_bytes(components[key]) for key in keys) for stage, keys in STAGE_NETWORKS.items()}
+
+
+@dataclass
+class PlanResult:
+    plan: str
+    stage_seconds: dict
+    total_seconds: float
+    peak_memory_bytes: int  # device memory on a GPU, the process's resident set on the CPU
+    frames: object = field(repr=False, default=None)
+
+
+def peak_host_memory_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_plan(name, components, device, dtype, settings) -> PlanResult:
+    """The cascade once under plan `name`. The networks start where the plan keeps them."""
+    plan = PLANS[name]
+    home = "cpu" if plan.offload else device
+    for key in COMPONENTS:
+        if isinstance(components[key], torch.nn.Module):
+            components[key].to(home)
+    pipe = Show1Pipeline(components, device, dtype, plan)
+    pipe.set_progress_bar_config(disable=True)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = pipe(PROMPT, **settings)
+    total = time.perf_counter() - start
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = peak_host_memory_bytes()
+    return PlanResult(name, dict(result.timings), total, peak, result.frames)
+
+
+def format_plan(result: PlanResult, device) -> str:
+    memory = "peak GPU memory" if torch.device(device).type == "cuda" else "peak process memory (RSS)"
+    lines = [f"plan {result.plan}:"]
+    lines += [f"  {stage:<14}{seconds:9.2f} s" for stage, seconds in result.stage_seconds.items()]
+    lines += [f"  {'total':<14}{result.total_seconds:9.2f} s", f"  {memory}: {result.peak_memory_bytes / GIB:.2f} GiB"]
+    return "\n".join(lines)
+
+
+def format_weights(components) -> str:
+    per_stage = stage_weight_bytes(components)
+    resident = sum(weight_bytes(c) for c in components.values() if isinstance(c, torch.nn.Module))
+    largest = max(per_stage, key=per_stage.get)
+    return (f"weights: {resident / GIB:.2f} GiB with every stage resident; largest stage {largest} "
+            f"{per_stage[largest] / GIB:.2f} GiB (the floor of the low-memory plan)")
+
+
+def benchmark(plans, size, device, dtype, settings, warmup_settings=None, seed=0, out=print) -> dict:
+    """Runs each plan once (after one warm-up run of the first plan with `warmup_settings`, when
+    given) and prints the report; returns {plan: PlanResult}. With both "optimized" and
+    "reference", the last line printed is `speedup_vs_reference=X.XX`."""
+    started = time.perf_counter()
+    components = random_components(size, device, dtype, seed)
+    out(f"built {size} networks with random weights on {device} ({dtype}) in {time.perf_counter() - started:.1f} s")
+    out(format_weights(components))
+    if warmup_settings is not None:
+        run_plan(plans[0], components, device, dtype, warmup_settings)
+    results = {}
+    for name in plans:
+        results[name] = run_plan(name, components, device, dtype, settings)
+        out(format_plan(results[name], device))
+    if "optimized" in results and "reference" in results:
+        frames = [results[name].frames.astype(float) for name in ("optimized", "reference")]
+        out(f"plans agree: mean |difference| of the final frames {abs(frames[0] - frames[1]).mean():.3f} (0-255)")
+        speedup = results["reference"].total_seconds / results["optimized"].total_seconds
+        out(f"speedup_vs_reference={speedup:.2f}")
+    return results
