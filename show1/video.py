@@ -15,17 +15,17 @@ import numpy as np
 
 VIDEO_FORMATS = ("mp4", "gif")
 
-# libx264 at a visually lossless quality; faststart puts the index first so browsers can start
-# playing before the download ends. The container is named explicitly because the temporary file
-# name has no .mp4 extension for ffmpeg to go by.
-MP4_ENCODER_OPTIONS = ["-crf", "18", "-movflags", "+faststart", "-f", "mp4"]
+# libx264 at a visually near-lossless quality; faststart puts the index first so browsers can
+# start playing before the download ends.
+MP4_ENCODER_OPTIONS = ["-crf", "18", "-movflags", "+faststart"]
 
 
 def check_frames(frames) -> None:
     """Raise ValueError unless frames is a non-empty uint8 array [F, H, W, 3] with even H and W
     (H.264 in yuv420p stores colour at half resolution, so odd sizes cannot be encoded as is)."""
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be a uint8 numpy array, got {type(frames).__name__} {getattr(frames, 'dtype', '')}")
+        got = f"{type(frames).__name__} {getattr(frames, 'dtype', '')}"
+        raise ValueError(f"frames must be a uint8 numpy array, got {got}")
     if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
         raise ValueError(f"frames must be shaped [frames, height, width, 3] with no empty axis, got {frames.shape}")
     height, width = frames.shape[1:3]

@@ -1,0 +1,480 @@
+"""The predictor behind Cog's real HTTP server (`python -m cog.server.http`, started by script/serve),
+on the tiny weights and the CPU: what Replicate's web form, its API and `cog predict` talk to."""
+
+import base64
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import requests
+
+from show1.settings import OUTPUT_STAGES
+from test_video import decode_mp4
+
+REPO = Path(__file__).resolve().parents[1]
+COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")
+STARTUP_TIMEOUT = 180
+PREDICTION_TIMEOUT = 300
+
+# One step per stage keeps the tiny cascade fast; the sizes are those of the real model.
+FAST = {"keyframe_steps": 1, "interpolation_steps": 1, "first_frame_steps": 1, "sr1_steps": 1, "sr2_steps": 2}
+STAGE_VIDEO_SHAPES = {
+    "full": (29, 320, 576), "sr1": (29, 160, 256), "interpolated": (29, 40, 64), "keyframes": (8, 40, 64),
+}
+STAGES_RUN = {
+    "keyframes": ["text", "keyframes"],
+    "interpolated": ["text", "keyframes", "interpolation"],
+    "sr1": ["text", "keyframes", "interpolation", "first_frame", "sr1"],
+    "full": ["text", "keyframes", "interpolation", "first_frame", "sr1", "sr2"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class CogServer:
+    """script/serve in a subprocess on a free loopback port, with its own temp folder."""
+
+    def __init__(self, weights, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmpdir = workdir / "tmp"
+        self.tmpdir.mkdir()
+        self.log_path = workdir / "server.log"
+        env = dict(
+            os.environ, PORT=str(self.port), HOST="127.0.0.1", SHOW1_WEIGHTS=str(weights),
+            PYTHON=sys.executable, TMPDIR=str(self.tmpdir), PYTHONUNBUFFERED="1",
+        )
+        with open(self.log_path, "wb") as log:
+            # Its own process group, so stopping it also stops the worker and any ffmpeg.
+            self.process = subprocess.Popen(
+                [str(REPO / "script" / "serve")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=10).json()
+
+    def wait_for_setup(self, timeout=STARTUP_TIMEOUT) -> dict:
+        """The health check once setup has ended, READY or SETUP_FAILED."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"script/serve exited early:\n{self.log_tail()}"
+            try:
+                health = self.health()
+                if health["status"] not in ("STARTING",):
+                    return health
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"no end of setup within {timeout} s:\n{self.log_tail()}")
+
+    def wait_until_idle(self, timeout=30):
+        """The server frees its prediction slot just after it has answered, so a client that posts
+        again at once can meet 409 "at capacity"; clients wait for READY, as Replicate's queue does."""
+        deadline = time.monotonic() + timeout
+        while self.health()["status"] == "BUSY":
+            assert time.monotonic() < deadline, "the server stayed BUSY"
+            time.sleep(0.05)
+
+    def predict(self, timeout=PREDICTION_TIMEOUT, wait_until_idle=True, **inputs) -> requests.Response:
+        if wait_until_idle:
+            self.wait_until_idle()
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+
+    def worker_pid(self) -> int:
+        """The worker subprocess that imports predict.py and runs the predictions."""
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == self.process.pid and b"_run_worker" in cmdline:
+                return int(pid)
+        raise AssertionError("the Cog worker process was not found")
+
+    def output_dir(self) -> Path:
+        (folder,) = self.tmpdir.glob("show1-outputs-*")
+        return folder
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights, tmp_path_factory):
+    cog = CogServer(tiny_weights, tmp_path_factory.mktemp("cog-server"))
+    try:
+        health = cog.wait_for_setup()
+        assert health["status"] == "READY", f"{health}\n{cog.log_tail()}"
+        yield cog
+    finally:
+        cog.stop()
+
+
+def succeeded(response) -> dict:
+    assert response.status_code == 200, response.text[:2000]
+    prediction = response.json()
+    assert prediction["status"] == "succeeded", prediction.get("error") or prediction
+    return prediction
+
+
+def save_data_uri(uri: str, path: Path) -> Path:
+    header, data = uri.split(",", 1)
+    assert header.endswith(";base64"), header
+    path.write_bytes(base64.b64decode(data))
+    return path
+
+
+def assert_ready(server):
+    assert server.health()["status"] == "READY"
+
+
+# --- the server comes up and describes its inputs -----------------------------------------
+
+
+def test_setup_reaches_ready_and_logs_what_it_loaded(server, tiny_weights):
+    health = server.health()
+    assert health["status"] == "READY"
+    assert health["setup"]["status"] == "succeeded"
+    assert f"Show-1 loaded from {tiny_weights}" in health["setup"]["logs"]
+
+
+EXPECTED_INPUTS = {
+    # name: (JSON type, default, minimum, maximum, choices)
+    "prompt": ("string", None, None, None, None),
+    "negative_prompt": ("string", "low resolution, blur", None, None, None),
+    "seed": ("integer", None, 0, 2**32 - 1, None),
+    "keyframe_steps": ("integer", 75, 1, 500, None),
+    "interpolation_steps": ("integer", 75, 1, 500, None),
+    "first_frame_steps": ("integer", 70, 1, 500, None),
+    "sr1_steps": ("integer", 125, 1, 500, None),
+    "sr2_steps": ("integer", 50, 2, 500, None),  # 80% of the steps run: at least one
+    "guidance_scale": ("number", 9.0, 1, 30, None),
+    "fps": ("integer", 8, 1, 30, None),
+    "output_format": ("string", "mp4", None, None, ["mp4", "gif"]),
+    "output_stage": ("string", "full", None, None, ["full", "sr1", "interpolated", "keyframes"]),
+}
+
+
+def test_openapi_lists_every_input_with_type_default_and_constraints(server):
+    response = requests.get(f"{server.url}/openapi.json", timeout=10)
+    assert response.status_code == 200
+    schemas = response.json()["components"]["schemas"]
+    properties = schemas["Input"]["properties"]
+    # The server re-sorts the keys; the web form orders the inputs by x-order.
+    assert sorted(properties, key=lambda name: properties[name]["x-order"]) == list(EXPECTED_INPUTS)
+    assert schemas["Input"]["required"] == ["prompt"]
+    for name, (json_type, default, minimum, maximum, choices) in EXPECTED_INPUTS.items():
+        prop = properties[name]
+        assert prop["description"].strip(), name
+        assert prop.get("default") == default, name
+        assert prop.get("minimum") == minimum and prop.get("maximum") == maximum, name
+        if choices:
+            (reference,) = prop["allOf"]
+            enum = schemas[reference["$ref"].rsplit("/", 1)[1]]
+            assert (enum["type"], enum["enum"]) == (json_type, choices), name
+        else:
+            assert prop["type"] == json_type, name
+    assert properties["seed"]["nullable"] is True
+    assert set(EXPECTED_INPUTS["output_stage"][4]) == set(OUTPUT_STAGES)
+    assert schemas["Output"] == {"title": "Output", "type": "string", "format": "uri"}
+
+
+# --- predictions ---------------------------------------------------------------------------
+
+
+def test_full_video_is_a_playable_576x320_mp4_with_29_frames(server, tmp_path):
+    prediction = succeeded(server.predict(prompt="a red panda eating bamboo", seed=7, output_stage="full", **FAST))
+
+    video = save_data_uri(prediction["output"], tmp_path / "full.mp4")
+    frames, meta = decode_mp4(video)
+    assert frames.shape == (29, 320, 576, 3)
+    assert (meta["codec"], meta["fps"]) == ("h264", 8)
+    assert meta["pix_fmt"].startswith("yuv420p")
+    assert frames.std() > 1, "the video should not be a flat colour"
+
+    assert prediction["metrics"]["seed"] == 7
+    assert set(prediction["metrics"]["stage_seconds"]) == set(STAGES_RUN["full"])
+    assert all(seconds >= 0 for seconds in prediction["metrics"]["stage_seconds"].values())
+    logs = prediction["logs"]
+    assert "Using seed: 7" in logs
+    assert [line.split()[1] for line in logs.splitlines() if line.startswith("Stage ")] == STAGES_RUN["full"]
+
+
+@pytest.mark.parametrize("output_stage", ["sr1", "interpolated", "keyframes"])
+def test_each_early_output_stage_gives_its_size_and_frame_count(server, tmp_path, output_stage):
+    prediction = succeeded(server.predict(prompt="a lighthouse in a storm", output_stage=output_stage, fps=12, **FAST))
+
+    frames, meta = decode_mp4(save_data_uri(prediction["output"], tmp_path / "video.mp4"))
+    assert frames.shape == STAGE_VIDEO_SHAPES[output_stage] + (3,)
+    assert (meta["codec"], meta["fps"]) == ("h264", 12)
+    assert set(prediction["metrics"]["stage_seconds"]) == set(STAGES_RUN[output_stage])
+
+
+def test_gif_output(server, tmp_path):
+    response = server.predict(prompt="a paper boat", output_stage="keyframes", output_format="gif", fps=4, **FAST)
+    prediction = succeeded(response)
+
+    assert prediction["output"].startswith("data:image/gif;base64,")
+    gif = save_data_uri(prediction["output"], tmp_path / "video.gif")
+    assert iio.imread(gif, plugin="pillow", index=None, mode="RGB").shape == (8, 40, 64, 3)
+    assert iio.immeta(gif, plugin="pillow", index=0)["duration"] == 250
+
+
+def test_a_seed_reproduces_the_video_and_no_seed_draws_a_new_one(server, tmp_path):
+    def keyframes(**inputs):
+        prediction = succeeded(server.predict(prompt="a snowy forest", output_stage="keyframes", **FAST, **inputs))
+        path = save_data_uri(prediction["output"], tmp_path / f"{prediction['id']}.mp4")
+        return decode_mp4(path)[0], prediction["metrics"]["seed"]
+
+    first, seed = keyframes(seed=1234)
+    again, _ = keyframes(seed=1234)
+    other, _ = keyframes(seed=4321)
+    assert seed == 1234
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    drawn = {keyframes()[1] for _ in range(2)}
+    assert len(drawn) == 2 and all(0 <= seed < 2**32 for seed in drawn)
+
+
+def test_the_output_file_name_is_unique_and_not_taken_from_the_prompt(server):
+    prompt = "../../etc/passwd; rm -rf ~ $(reboot)"
+    prediction = succeeded(server.predict(prompt=prompt, output_stage="keyframes", **FAST))
+    (video,) = server.output_dir().iterdir()
+    assert video.name.startswith("show1-") and video.suffix == ".mp4"
+    assert "passwd" not in video.name and len(video.stem) == len("show1-") + 32
+    assert prediction["output"].startswith("data:video/mp4;base64,")
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("keyframe_steps", 0),
+        ("sr1_steps", 501),
+        ("interpolation_steps", "many"),
+        ("first_frame_steps", 2.5),
+        ("guidance_scale", 0.5),
+        ("guidance_scale", "high"),
+        ("fps", 0),
+        ("fps", 31),
+        ("seed", -1),
+        ("seed", 2**32),
+        ("seed", "lucky"),
+        ("output_stage", "huge"),
+        ("output_format", "webm"),
+        ("output_format", "../../x"),
+        ("prompt", 42),
+    ],
+)
+def test_out_of_range_or_wrongly_typed_input_is_422(server, name, value):
+    inputs = {"prompt": "a cat", "output_stage": "keyframes", **FAST, name: value}
+    response = server.predict(**inputs)
+    assert response.status_code == 422, response.text[:500]
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "input", name]
+    assert_ready(server)
+
+
+def test_missing_prompt_is_422(server):
+    response = server.predict(output_stage="keyframes")
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "input", "prompt"]
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t"])
+def test_an_empty_prompt_fails_with_a_clear_message_and_the_server_stays_ready(server, prompt):
+    response = server.predict(prompt=prompt, output_stage="keyframes", **FAST)
+    assert response.status_code == 200
+    prediction = response.json()
+    assert prediction["status"] == "failed"
+    assert "prompt" in prediction["error"].lower() and "empty" in prediction["error"].lower()
+    assert_ready(server)
+    succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))
+
+
+# --- async predictions, webhooks and cancellation ----------------------------------------------
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1 that queues every webhook body it receives."""
+
+    def __init__(self):
+        self.events = queue.Queue()
+        events = self.events
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                events.put(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/webhook"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, condition, timeout=PREDICTION_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no matching webhook arrived in time"
+            event = self.events.get(timeout=remaining)
+            if condition(event):
+                return event
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def webhooks():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+def post_async(server, prediction_id, webhook_url, **inputs):
+    return requests.post(
+        f"{server.url}/predictions",
+        json={"id": prediction_id, "input": inputs, "webhook": webhook_url},
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+
+
+def test_async_prediction_reports_to_its_webhook(server, webhooks, tmp_path):
+    response = post_async(server, "async-1", webhooks.url, prompt="a kite", output_stage="keyframes", **FAST)
+    assert response.status_code == 202
+
+    final = webhooks.wait_for(lambda event: event["status"] in ("succeeded", "failed", "canceled"))
+    assert final["id"] == "async-1" and final["status"] == "succeeded", final.get("error")
+    frames, _ = decode_mp4(save_data_uri(final["output"], tmp_path / "async.mp4"))
+    assert frames.shape == (8, 40, 64, 3)
+
+
+def test_a_cancelled_prediction_cleans_up_and_the_next_one_succeeds(server, webhooks):
+    # Enough work that the cancellation lands in the middle of the cascade.
+    slow = dict(FAST, sr1_steps=4, sr2_steps=10)
+    response = post_async(server, "to-cancel", webhooks.url, prompt="a long drive", output_stage="full", **slow)
+    assert response.status_code == 202
+    webhooks.wait_for(lambda event: "Stage keyframes finished" in (event.get("logs") or ""))
+
+    busy = server.predict(prompt="a cat", output_stage="keyframes", wait_until_idle=False, **FAST)
+    assert busy.status_code == 409
+
+    assert requests.post(f"{server.url}/predictions/to-cancel/cancel", timeout=10).status_code == 200
+    final = webhooks.wait_for(lambda event: event["status"] in ("succeeded", "failed", "canceled"))
+    assert final["status"] == "canceled"
+    assert "Cancelled after stages: text, keyframes" in final["logs"]
+    assert "sr2" not in final["metrics"]["stage_seconds"]
+    assert list(server.output_dir().iterdir()) == [], "a cancelled prediction leaves no file"
+
+    assert_ready(server)
+    prediction = succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))
+    assert prediction["output"].startswith("data:video/mp4;base64,")
+
+
+# --- a long-running container -------------------------------------------------------------
+
+
+def process_usage(pid: int) -> dict:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"fds": len(os.listdir(f"/proc/{pid}/fd")), "rss_mb": int(status["VmRSS"].split()[0]) / 1024}
+
+
+def folder_usage(folder: Path) -> dict:
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    return {"files": len(files), "bytes": sum(path.stat().st_size for path in files)}
+
+
+def test_twenty_predictions_in_a_row_leave_no_files_descriptors_or_memory_behind(server):
+    def run(count):
+        return [succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))["id"] for _ in range(count)]
+
+    worker = server.worker_pid()
+    run(3)  # warm-up: lazy imports, allocator pools and encoder start-up settle
+    before = {**process_usage(worker), **folder_usage(server.tmpdir)}
+    started = time.monotonic()
+    prediction_ids = run(20)
+    seconds = (time.monotonic() - started) / 20
+    after = {**process_usage(worker), **folder_usage(server.tmpdir)}
+    print(f"\n20 keyframe predictions, {seconds:.2f} s each; worker and temp folder before: {before}, after: {after}")
+
+    assert server.worker_pid() == worker, "the worker must not have been restarted"
+    # Cog's server keeps a folder per prediction (for file inputs) under /tmp/coglet: nothing may be left in it.
+    left = [path for name in prediction_ids for path in COGLET_PREDICTIONS.glob(f"{name}/**/*") if path.is_file()]
+    assert left == []
+    assert after["files"] == before["files"] == 1, "only the latest output may remain"
+    assert after["bytes"] < before["bytes"] * 2 + 100_000
+    assert after["fds"] <= before["fds"] + 2
+    assert after["rss_mb"] < before["rss_mb"] + 60
+
+
+# --- setup failures (a server each) ----------------------------------------------------------
+
+
+def failed_setup(weights, workdir) -> tuple:
+    cog = CogServer(weights, workdir)
+    try:
+        health = cog.wait_for_setup()
+        response = cog.predict(prompt="a cat", timeout=30)
+        return health, response
+    finally:
+        cog.stop()
+
+
+def test_a_missing_weights_folder_fails_setup_naming_the_folder_and_the_fix(tmp_path):
+    missing = tmp_path / "no-weights-here"
+    health, response = failed_setup(missing, tmp_path)
+    assert health["status"] == "SETUP_FAILED"
+    logs = health["setup"]["logs"]
+    assert str(missing) in logs and "script/download-weights" in logs
+    assert response.status_code == 503
+
+
+def test_incomplete_weights_fail_setup_naming_the_missing_file(tiny_weights, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    missing = weights / "show-1-sr2" / "vae" / "diffusion_pytorch_model.bin"
+    missing.unlink()
+    health, _ = failed_setup(weights, tmp_path)
+    assert health["status"] == "SETUP_FAILED"
+    logs = health["setup"]["logs"]
+    assert str(missing.parent) in logs and "script/download-weights" in logs
