@@ -33,10 +33,14 @@ def tiny_repos() -> dict:
     return json.loads((CONFIGS / "tiny.json").read_text(encoding="utf-8"))["repos"]
 
 
-def network_config(size, component, repos) -> dict:
+def network_configs(size, repos) -> dict:
+    """{repo: {folder: config}} of the networks at `size`."""
     if size == "published":
-        return json.loads((CONFIGS / "published.json").read_text(encoding="utf-8"))[component.repo][component.folder]
-    return repos[component.repo]["folders"][component.folder]["config"]
+        return json.loads((CONFIGS / "published.json").read_text(encoding="utf-8"))
+    return {
+        repo: {folder: entry["config"] for folder, entry in spec["folders"].items() if "config" in entry}
+        for repo, spec in repos.items()
+    }
 
 
 def random_network(class_name, config, device, dtype, generator):
@@ -53,6 +57,7 @@ def random_components(size, device, dtype, seed=0) -> dict:
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     repos = tiny_repos()
+    configs = network_configs(size, repos)
     generator = torch.Generator(device).manual_seed(seed)
     components = {}
     with tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -68,7 +73,7 @@ def random_components(size, device, dtype, seed=0) -> dict:
                 TOKENIZER_WRITERS[class_name[1]](folder, entry, spec["folders"]["text_encoder"]["config"])
                 components[key] = KNOWN_CLASSES[class_name].from_pretrained(folder)
             else:
-                config = network_config(size, component, repos)
+                config = configs[component.repo][component.folder]
                 components[key] = random_network(class_name, config, device, network_dtype(component, dtype), generator)
     return components
 
