@@ -103,10 +103,9 @@ def peak_host_memory_bytes() -> int:
 def run_plan(name, components, device, dtype, settings) -> PlanResult:
     """The cascade once under plan `name`. The networks start where the plan keeps them."""
     plan = PLANS[name]
-    home = "cpu" if plan.offload else device
     for key in COMPONENTS:
         if isinstance(components[key], torch.nn.Module):
-            components[key].to(home)
+            components[key].to(plan.home(device))
     pipe = Show1Pipeline(components, device, dtype, plan)
     pipe.set_progress_bar_config(disable=True)
     if torch.device(device).type == "cuda":
@@ -133,7 +132,7 @@ def format_plan(result: PlanResult, device) -> str:
 
 def format_weights(components) -> str:
     per_stage = stage_weight_bytes(components)
-    resident = sum(weight_bytes(c) for c in components.values() if isinstance(c, torch.nn.Module))
+    resident = sum(per_stage.values())  # every network belongs to exactly one stage
     largest = max(per_stage, key=per_stage.get)
     return (f"weights: {resident / GIB:.2f} GiB with every stage resident; largest stage {largest} "
             f"{per_stage[largest] / GIB:.2f} GiB (the floor of the low-memory plan)")

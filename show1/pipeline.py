@@ -46,6 +46,10 @@ class ExecutionPlan:
     offload: bool = False
     interpolation_batch: Optional[int] = None
 
+    def home(self, device):
+        """Where the networks wait between stages."""
+        return "cpu" if self.offload else device
+
 
 RESIDENT = ExecutionPlan()
 LOW_MEMORY = ExecutionPlan(offload=True)
@@ -103,8 +107,7 @@ class Show1Pipeline:
         check_manifest_sizes(weights_dir)
         required_files(weights_dir)
         plan = LOW_MEMORY if low_memory else RESIDENT
-        home = "cpu" if plan.offload else device
-        components = {key: load_component(weights_dir, key, home, dtype) for key in COMPONENTS}
+        components = {key: load_component(weights_dir, key, plan.home(device), dtype) for key in COMPONENTS}
         return cls(components, device, dtype, plan)
 
     def set_progress_bar_config(self, **kwargs):
