@@ -18,16 +18,32 @@ class PromptEmbeddings:
         """[2*batch, L, D]: `batch` unconditional rows, then `batch` conditional rows."""
         return torch.cat([self.uncond.expand(batch, -1, -1), self.cond.expand(batch, -1, -1)])
 
-    def to(self, dtype):
-        return PromptEmbeddings(self.uncond.to(dtype), self.cond.to(dtype))
 
-
-def _tokenize(tokenizer, texts, device):
+def _tokenize(tokenizer, texts, device, encoder="text encoder", role="prompt"):
+    """Token ids and attention mask, padded and cut to MAX_TOKENS as the networks were trained.
+    The tokenizer cuts silently, so the cut is logged here: a user whose long prompt loses its end
+    should be told that the video ignores it."""
+    for text in texts:
+        dropped = _tokens_beyond_limit(tokenizer, text)
+        if dropped:
+            # print, not logging: Cog puts a prediction's printed lines in its logs.
+            print(
+                f"The {role} is too long for {encoder}: {dropped} of its tokens beyond the first "
+                f"{MAX_TOKENS} were dropped, so its last words do not steer the video."
+            )
     tokens = tokenizer(
         texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, add_special_tokens=True,
         return_tensors="pt",
     )
     return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+
+def _tokens_beyond_limit(tokenizer, text) -> int:
+    """How many tokens of text (special tokens included) do not fit in MAX_TOKENS."""
+    # verbose=False: the tokenizer's own warning about long sequences would be misleading, since
+    # the real call truncates.
+    length = len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False).input_ids)
+    return max(0, length - MAX_TOKENS)
 
 
 @torch.no_grad()
@@ -36,7 +52,7 @@ def encode_t5(tokenizer, text_encoder, prompt: str) -> PromptEmbeddings:
     device = text_encoder.device
     states = []
     for text in ("", prompt.lower().strip()):
-        ids, mask = _tokenize(tokenizer, [text], device)
+        ids, mask = _tokenize(tokenizer, [text], device, encoder="T5")
         states.append(text_encoder(ids, attention_mask=mask).last_hidden_state)
     return PromptEmbeddings(*states)
 
@@ -46,7 +62,7 @@ def encode_clip(tokenizer, text_encoder, prompt: str, negative_prompt: str) -> P
     """CLIP last hidden states of the negative prompt and the prompt (no attention mask, as trained)."""
     device = text_encoder.device
     states = []
-    for text in (negative_prompt, prompt):
-        ids, _ = _tokenize(tokenizer, [text], device)
+    for role, text in (("negative prompt", negative_prompt), ("prompt", prompt)):
+        ids, _ = _tokenize(tokenizer, [text], device, encoder="CLIP", role=role)
         states.append(text_encoder(ids)[0])
     return PromptEmbeddings(*states)

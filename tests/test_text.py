@@ -35,3 +35,46 @@ def test_clip_matches_reference(tiny_pipeline, reference_settings):
                        reference_settings["negative_prompt"])
     states = torch.cat([text.uncond, text.cond])
     assert (states - torch.from_numpy(clip["prompt_embeds_cfg"])).abs().max() <= 1e-4
+
+
+LONG_PROMPT = "a red panda eating bamboo on a sunny day in a green forest, " * 12
+
+
+def tokens_beyond_77(tokenizer, text):
+    return len(tokenizer(text).input_ids) - 77
+
+
+def test_a_prompt_longer_than_77_tokens_is_cut_and_the_cut_is_logged(tiny_pipeline, capsys):
+    c = tiny_pipeline.components
+    dropped = {
+        "T5": tokens_beyond_77(c["tokenizer"], LONG_PROMPT.lower().strip()),
+        "CLIP": tokens_beyond_77(c["sr2_tokenizer"], LONG_PROMPT),
+    }
+    assert min(dropped.values()) > 0
+
+    t5 = encode_t5(c["tokenizer"], c["text_encoder"], LONG_PROMPT)
+    clip = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], LONG_PROMPT, "blur")
+    lines = capsys.readouterr().out.splitlines()
+
+    assert lines == [
+        f"The prompt is too long for T5: {dropped['T5']} of its tokens beyond the first 77 were dropped, "
+        "so its last words do not steer the video.",
+        f"The prompt is too long for CLIP: {dropped['CLIP']} of its tokens beyond the first 77 were dropped, "
+        "so its last words do not steer the video.",
+    ]
+    # Still cut, not refused: the states have the 77 positions the networks were trained on.
+    assert t5.cond.shape[1] == clip.cond.shape[1] == 77
+
+
+def test_a_long_negative_prompt_is_named_as_such(tiny_pipeline, capsys):
+    c = tiny_pipeline.components
+    encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], "a cat", LONG_PROMPT)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("The negative prompt is too long for CLIP: ")
+
+
+def test_prompts_that_fit_log_nothing(tiny_pipeline, capsys):
+    c = tiny_pipeline.components
+    encode_t5(c["tokenizer"], c["text_encoder"], "a red car")
+    encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], "a red car", "low resolution, blur")
+    assert capsys.readouterr().out == ""

@@ -20,15 +20,21 @@ UNETS = {
 }
 
 
-def load_unet(name):
+def load_unet(name, dtype=torch.float32):
     repo, cls = UNETS[name]
-    return load_diffusers_model(cls, REFERENCE_WEIGHTS / repo / "unet", dtype=torch.float32)
+    return load_diffusers_model(cls, REFERENCE_WEIGHTS / repo / "unet", dtype=dtype)
 
 
-@pytest.mark.parametrize("name", sorted(UNETS))
-def test_forward_matches_reference(name):
+# Allowed error of one forward pass, relative to the largest value of the reference output. Float32
+# summation order differs between CPUs (AVX-512 on Intel, AVX2 on AMD EPYC): the largest error seen
+# is 1.27e-4 on an EPYC for sr1, whose output reaches 3.7, i.e. 3.5e-5 of it. A wrong head split
+# or a wrong output scale factor is off by about 1 (test_the_bound_catches_...).
+RELATIVE_BOUND = 1e-4
+
+
+def forward_error(name, unet):
+    """(max abs error against the reference's forward pass, the bound it must stay within)."""
     data = expected(f"unet_{name}")
-    unet = load_unet(name)
     class_labels = torch.from_numpy(data["class_labels"]) if "class_labels" in data else None
     with torch.no_grad():
         out = unet(
@@ -37,10 +43,40 @@ def test_forward_matches_reference(name):
             encoder_hidden_states=torch.from_numpy(data["encoder_hidden_states"]),
             class_labels=class_labels,
         ).sample
-    assert out.shape == data["output"].shape
-    error = (out - torch.from_numpy(data["output"])).abs().max().item()
-    print(f"unet {name}: max abs error {error:.2e}")
-    assert error <= 1e-4
+    reference = torch.from_numpy(data["output"])
+    assert out.shape == reference.shape
+    return (out - reference).abs().max().item(), RELATIVE_BOUND * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("name", sorted(UNETS))
+def test_forward_matches_reference(name):
+    error, bound = forward_error(name, load_unet(name))
+    print(f"unet {name}: max abs error {error:.2e}, bound {bound:.2e} ({RELATIVE_BOUND:g} x max |reference|)")
+    assert error <= bound
+
+
+def swap_temporal_heads(unet):
+    """Diffusers' own 3-D head split: heads of `attention_head_dim` channels instead of Show-1's
+    `attention_head_dim` heads."""
+    for module_name, module in unet.named_modules():
+        if isinstance(module, Attention) and _kind(module_name) == "temporal":
+            module.heads = module.to_q.out_features // module.heads
+
+
+def drop_output_scale_factors(unet):
+    """Resnets that forget IF's sqrt(2) output scale."""
+    for module in unet.modules():
+        if hasattr(module, "output_scale_factor"):
+            module.output_scale_factor = 1.0
+
+
+@pytest.mark.parametrize("mistake", [swap_temporal_heads, drop_output_scale_factors])
+def test_the_bound_catches_a_wrong_head_split_or_scale_factor(mistake):
+    unet = load_unet("sr1")
+    mistake(unet)
+    error, bound = forward_error("sr1", unet)
+    print(f"unet sr1 with {mistake.__name__}: max abs error {error:.2e}, bound {bound:.2e}")
+    assert error > 100 * bound
 
 
 def test_public_api_returns_video_shaped_sample():
