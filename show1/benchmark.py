@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .loading import KNOWN_CLASSES, scheduler_from_config
-from .pipeline import LOW_MEMORY, REFERENCE_PLAN, RESIDENT, STAGE_NETWORKS, Show1Pipeline, network_dtype
+from .pipeline import LOW_MEMORY, REFERENCE_PLAN, RESIDENT, STAGE_NETWORKS, Show1Pipeline
+from .precision import cast_as_loaded
 from .random_weights import TOKENIZER_WRITERS, build_network, randomise
 from .weights import COMPONENTS
 
@@ -47,7 +48,7 @@ def random_network(class_name, config, device, dtype, generator):
     """A network built on `device` (no copy from the CPU) with random weights, in eval mode."""
     with torch.device(device):
         network = build_network(class_name, config)
-    network.to(dtype)
+    cast_as_loaded(network, dtype)
     randomise(network, generator)
     return network.eval()
 
@@ -74,7 +75,7 @@ def random_components(size, device, dtype, seed=0) -> dict:
                 components[key] = KNOWN_CLASSES[class_name].from_pretrained(folder)
             else:
                 config = configs[component.repo][component.folder]
-                components[key] = random_network(class_name, config, device, network_dtype(component, dtype), generator)
+                components[key] = random_network(class_name, config, device, dtype, generator)
     return components
 
 

@@ -324,6 +324,33 @@ def test_an_empty_prompt_fails_with_a_clear_message_and_the_server_stays_ready(s
     succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))
 
 
+def test_a_stage_with_nan_fails_the_prediction_clearly_and_the_next_one_succeeds(tiny_weights, tmp_path):
+    """A numerical failure (here: the sr1 UNet made to output NaN) fails the prediction with a
+    message naming the stage, instead of encoding a garbage video; the container stays READY."""
+    import torch
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    unet_file = weights / "show-1-sr1" / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(unet_file, weights_only=True)
+    state["conv_out.bias"] = torch.full_like(state["conv_out.bias"], float("nan"))
+    torch.save(state, unet_file)
+    cog = CogServer(weights, tmp_path)
+    try:
+        assert cog.wait_for_setup()["status"] == "READY", cog.log_tail()
+        response = cog.predict(prompt="a cat", output_stage="sr1", **FAST)
+        assert response.status_code == 200
+        prediction = response.json()
+        assert prediction["status"] == "failed"
+        assert "Stage 'sr1' produced non-finite values" in prediction["error"]
+        assert "numerical problem" in prediction["error"]
+        assert prediction.get("output") is None
+        assert_ready(cog)
+        succeeded(cog.predict(prompt="a cat", output_stage="keyframes", **FAST))
+    finally:
+        cog.stop()
+
+
 # --- async predictions, webhooks and cancellation ----------------------------------------------
 
 

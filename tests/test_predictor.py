@@ -115,7 +115,14 @@ def test_half_precision_on_a_gpu_full_precision_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert predict.device_and_dtype() == ("cpu", torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert predict.device_and_dtype() == ("cuda", torch.float16)
+    assert predict.device_and_dtype() == ("cuda", None)  # each network's serving dtype
+
+
+def test_the_serving_precision_is_float16_for_every_network():
+    from show1.weights import COMPONENTS
+
+    networks = {key: c.serving_dtype for key, c in COMPONENTS.items() if c.weights_stem}
+    assert len(networks) == 8 and set(networks.values()) == {torch.float16}
 
 
 def test_low_memory_mode_on_small_gpus_or_when_asked(monkeypatch):

@@ -161,11 +161,11 @@ def latent_stage_inputs(tiny_pipeline, reference_settings):
 def test_latent_superres_initial_latents(latent_stage_inputs, reference_settings):
     c, _, sr1 = latent_stage_inputs
     timesteps = partial_timesteps(c["sr2_scheduler"], reference_settings["steps"]["sr2"],
-                                  reference_settings["sr2_strength"], "cpu")
+                                  reference_settings["sr2_strength"])
     assert timesteps.tolist() == reference_settings["timesteps"]["sr2"]
     pixels = from_uint8_frames(resize_frames(to_uint8_frames(sr1), WIDTH, HEIGHT))
     latents = initial_latents(c["sr2_vae"], c["sr2_scheduler"], pixels, timesteps,
-                              seeded_generator(reference_settings["seed"]), torch.float32)
+                              seeded_generator(reference_settings["seed"]))
     reference = torch.from_numpy(expected("sr2")["latents_initial"])
     assert (latents - reference).abs().max() <= 1e-3
 

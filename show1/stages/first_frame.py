@@ -14,13 +14,13 @@ UPSCALE = 4
 def upscale_first_frame(
     unet, scheduler, noising_scheduler, text, frame, *, steps, guidance, noise_level, seed, progress=iter
 ) -> torch.Tensor:
-    """frame [1, 3, 1, 40, 64] -> [1, 3, 1, 160, 256]."""
-    device, dtype = unet.device, unet.dtype
-    frame = frame.to(device=device, dtype=dtype)
+    """frame [1, 3, 1, 40, 64] -> float32 [1, 3, 1, 160, 256]."""
+    device = unet.device
+    frame = frame.to(device=device, dtype=torch.float32)
     height, width = frame.shape[3] * UPSCALE, frame.shape[4] * UPSCALE
     generator = seeded_generator(seed)
-    scheduler.set_timesteps(steps, device=device)
-    sample = randn((1, unet.config.in_channels // 2, 1, height, width), generator, device, dtype)
+    scheduler.set_timesteps(steps)
+    sample = randn((1, unet.config.in_channels // 2, 1, height, width), generator, device, torch.float32)
     sample = sample * scheduler.init_noise_sigma
     condition = noised_upscale(frame, height, width, noise_level, noising_scheduler, generator)
     levels = torch.full((2,), noise_level, device=device, dtype=torch.long)

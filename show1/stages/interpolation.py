@@ -35,16 +35,16 @@ def place_segments(segments):
 def interpolate_keyframes(
     unet, scheduler, text, keyframes, *, steps, guidance, seed, segments_per_batch=None, progress=iter
 ) -> torch.Tensor:
-    """[1, 3, 8, 40, 64] -> [1, 3, 29, 40, 64]. The segments are denoised `segments_per_batch` at a
+    """[1, 3, 8, 40, 64] -> float32 [1, 3, 29, 40, 64]. The segments are denoised `segments_per_batch` at a
     time (default: all at once); the result does not depend on it."""
-    device, dtype = unet.device, unet.dtype
-    keyframes = keyframes.to(device=device, dtype=dtype)
+    keyframes = keyframes.to(device=unet.device, dtype=torch.float32)
     conditions = segment_conditions(keyframes)
-    init_noise = randn((1, keyframes.shape[1], SEGMENT_FRAMES, *keyframes.shape[3:]), seeded_generator(seed), device, dtype)
+    noise_shape = (1, keyframes.shape[1], SEGMENT_FRAMES, *keyframes.shape[3:])
+    init_noise = randn(noise_shape, seeded_generator(seed), unet.device, torch.float32)
 
     def denoise(condition):
         count = condition.shape[0]
-        scheduler.set_timesteps(steps, device=device)
+        scheduler.set_timesteps(steps)
         denoiser = unet_denoiser(unet, text.guidance_batch(count))
         sample = init_noise.expand(count, -1, -1, -1, -1).contiguous()
         return guided_denoise(denoiser, scheduler, sample, scheduler.timesteps, guidance, condition, progress=progress)

@@ -8,11 +8,10 @@ NUM_KEYFRAMES, HEIGHT, WIDTH = 8, 40, 64
 
 
 def generate_keyframes(unet, scheduler, text, *, steps, guidance, seed, progress=iter) -> torch.Tensor:
-    """-> [1, 3, 8, 40, 64] in about [-1, 1]."""
-    device, dtype = unet.device, unet.dtype
+    """-> float32 [1, 3, 8, 40, 64] in about [-1, 1]."""
     generator = seeded_generator(seed)
-    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_timesteps(steps)
     shape = (1, unet.config.out_channels // 2, NUM_KEYFRAMES, HEIGHT, WIDTH)
-    sample = randn(shape, generator, device, dtype) * scheduler.init_noise_sigma
+    sample = randn(shape, generator, unet.device, torch.float32) * scheduler.init_noise_sigma
     denoiser = unet_denoiser(unet, text.guidance_batch(1))
     return guided_denoise(denoiser, scheduler, sample, scheduler.timesteps, guidance, generator=generator, progress=progress)

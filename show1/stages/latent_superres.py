@@ -14,9 +14,9 @@ from ..sampling import batch_to_frames, frames_to_batch, guided_denoise, randn, 
 HEIGHT, WIDTH = 320, 576
 
 
-def partial_timesteps(scheduler, steps, strength, device):
+def partial_timesteps(scheduler, steps, strength):
     """The last `strength` of a `steps`-step schedule, as image-to-image sampling uses it."""
-    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_timesteps(steps)
     start = steps - min(int(steps * strength), steps)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)
@@ -41,22 +41,21 @@ def decode_latents(vae, latents, frames_per_slice=1):
     return batch_to_frames(images.float(), latents.shape[0])
 
 
-def initial_latents(vae, scheduler, pixels, timesteps, generator, dtype):
-    """Frames [1, 3, F, H, W] in [-1, 1] -> their latents noised to the first kept timestep."""
-    latents = encode_frames(vae, pixels.to(vae.dtype), generator).to(dtype)
+def initial_latents(vae, scheduler, pixels, timesteps, generator):
+    """Frames [1, 3, F, H, W] in [-1, 1] -> their float32 latents noised to the first kept timestep."""
+    latents = encode_frames(vae, pixels.to(vae.dtype), generator).float()
     flat = frames_to_batch(latents)
-    noise = randn(flat.shape, generator, flat.device, dtype)
+    noise = randn(flat.shape, generator, flat.device, torch.float32)
     noised = scheduler.add_noise(flat, noise, timesteps[:1].repeat(flat.shape[0]))
     return batch_to_frames(noised, latents.shape[2])
 
 
 def refine_video(unet, vae, scheduler, text, video, *, steps, strength, guidance, seed, progress=iter) -> torch.Tensor:
     """video [1, 3, F, 160, 256] -> [1, 3, F, 320, 576] float32 in about [-1, 1]."""
-    device, dtype = unet.device, unet.dtype
     frames = resize_frames(to_uint8_frames(video), WIDTH, HEIGHT)
     generator = seeded_generator(seed)
-    timesteps = partial_timesteps(scheduler, steps, strength, device)
-    latents = initial_latents(vae, scheduler, from_uint8_frames(frames).to(device), timesteps, generator, dtype)
+    timesteps = partial_timesteps(scheduler, steps, strength)
+    latents = initial_latents(vae, scheduler, from_uint8_frames(frames).to(unet.device), timesteps, generator)
     denoiser = unet_denoiser(unet, text.guidance_batch(1))
     latents = guided_denoise(denoiser, scheduler, latents, timesteps, guidance, generator=generator, progress=progress)
     return decode_latents(vae, latents.to(vae.dtype))

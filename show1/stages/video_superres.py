@@ -21,21 +21,21 @@ def window_starts(num_frames):
 def upscale_video(
     unet, scheduler, noising_scheduler, text, video, first_frame, *, steps, guidance, noise_level, seed, progress=iter
 ) -> torch.Tensor:
-    """video [1, 3, 29, 40, 64], first_frame [1, 3, 1, 160, 256] -> [1, 3, 29, 160, 256]."""
-    device, dtype = unet.device, unet.dtype
-    video = video.to(device=device, dtype=dtype)
+    """video [1, 3, 29, 40, 64], first_frame [1, 3, 1, 160, 256] -> float32 [1, 3, 29, 160, 256]."""
+    device = unet.device
+    video = video.to(device=device, dtype=torch.float32)
     batch, channels, num_frames, h, w = video.shape
     height, width = h * UPSCALE, w * UPSCALE
     output = video.new_zeros((batch, channels, num_frames, height, width))
-    anchor = first_frame.to(device=device, dtype=dtype)
+    anchor = first_frame.to(device=device, dtype=torch.float32)
     levels = torch.full((2,), noise_level, device=device, dtype=torch.long)
     denoiser = unet_denoiser(unet, text.guidance_batch(1), class_labels=levels)
     for start in window_starts(num_frames):
         if start > 0:
             anchor = output[:, :, start : start + 1]
         generator = seeded_generator(seed)
-        scheduler.set_timesteps(steps, device=device)
-        sample = randn((batch, channels, WINDOW, height, width), generator, device, dtype) * scheduler.init_noise_sigma
+        scheduler.set_timesteps(steps)
+        sample = randn((batch, channels, WINDOW, height, width), generator, device, torch.float32) * scheduler.init_noise_sigma
         window = video[:, :, start : start + WINDOW]
         condition = noised_upscale(window, height, width, noise_level, noising_scheduler, generator)
         condition[:, :, :1] = anchor

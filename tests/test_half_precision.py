@@ -1,0 +1,192 @@
+"""Half precision on the CPU: every stage runs in float16 and bfloat16 and stays finite, each network
+in its planned dtype, and the networks' half-precision outputs stay near float32.
+
+float16 is emulated on this CPU and slow, so the stages run on small crops with 1-2 steps. The
+numbers printed here (-s) are the ones README 'Fidelity' quotes.
+"""
+
+import pytest
+import torch
+
+import show1.stages.keyframes as keyframes_module
+import show1.stages.latent_superres as latent_module
+from conftest import REFERENCE_WEIGHTS, expected
+from show1 import Show1Pipeline
+from show1.pipeline import NonFiniteOutputError, check_finite, load_component
+from show1.stages import generate_keyframes, interpolate_keyframes, refine_video, upscale_first_frame, upscale_video
+from show1.text import encode_clip, encode_t5
+from test_unet import load_unet
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+PROMPT = "a panda taking a selfie"
+CROP = 16  # low-resolution crop of the pixel stages: 16x16 -> 64x64 in the super-resolution stages
+
+
+@pytest.fixture(scope="module", params=HALF_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def half_pipeline(request):
+    pipe = Show1Pipeline.from_pretrained(REFERENCE_WEIGHTS, device="cpu", dtype=request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def half_text(half_pipeline):
+    c = half_pipeline.components
+    return encode_t5(c["tokenizer"], c["text_encoder"], PROMPT)
+
+
+def low_resolution_video(frames):
+    """Reference keyframes cropped to CROP x CROP: realistic values, small enough for emulated float16."""
+    keyframes = torch.from_numpy(expected("keyframes")["frames"])[:, :, :, :CROP, :CROP]
+    return keyframes[:, :, torch.arange(frames) % keyframes.shape[2]]
+
+
+def assert_finite_float32(output, shape):
+    assert output.shape == shape
+    assert output.dtype == torch.float32
+    assert torch.isfinite(output).all()
+
+
+def test_every_network_is_loaded_in_its_planned_dtype(half_pipeline):
+    dtype, c = half_pipeline.dtype, half_pipeline.components
+    for key in ("keyframes_unet", "interpolation_unet", "first_frame_unet", "sr1_unet", "sr2_unet", "sr2_vae", "sr2_text_encoder"):
+        assert {p.dtype for p in c[key].parameters()} == {dtype}, key
+    t5_dtypes = {name: p.dtype for name, p in c["text_encoder"].named_parameters()}
+    # T5's feed-forward output projections stay float32 in float16 (their activations overflow it).
+    wo_dtype = torch.float32 if dtype == torch.float16 else dtype
+    assert {d for name, d in t5_dtypes.items() if ".wo." in name} == {wo_dtype}
+    assert {d for name, d in t5_dtypes.items() if ".wo." not in name} == {dtype}
+
+
+def test_keyframes_in_half_precision(half_pipeline, half_text, monkeypatch):
+    monkeypatch.setattr(keyframes_module, "HEIGHT", CROP)
+    monkeypatch.setattr(keyframes_module, "WIDTH", CROP)
+    c = half_pipeline.components
+    output = generate_keyframes(c["keyframes_unet"], c["keyframes_scheduler"], half_text, steps=2, guidance=9.0, seed=0)
+    assert_finite_float32(output, (1, 3, 8, CROP, CROP))
+
+
+def test_interpolation_in_half_precision(half_pipeline, half_text):
+    c = half_pipeline.components
+    output = interpolate_keyframes(
+        c["interpolation_unet"], c["interpolation_scheduler"], half_text, low_resolution_video(8), steps=1, guidance=4.0, seed=0
+    )
+    assert_finite_float32(output, (1, 3, 29, CROP, CROP))
+
+
+def test_first_frame_in_half_precision(half_pipeline, half_text):
+    c = half_pipeline.components
+    output = upscale_first_frame(
+        c["first_frame_unet"], c["first_frame_scheduler"], c["first_frame_noising_scheduler"], half_text,
+        low_resolution_video(1), steps=2, guidance=4.0, noise_level=150, seed=0,
+    )
+    assert_finite_float32(output, (1, 3, 1, 4 * CROP, 4 * CROP))
+
+
+def test_sr1_window_in_half_precision(half_pipeline, half_text):
+    """One window, 16x16 -> 64x64, 2 steps: the case whose float16 DPM-Solver step gave all NaN
+    (x0 overflowed at t=999 before the thresholding) when the scheduler stepped in float16."""
+    c = half_pipeline.components
+    first_frame = torch.zeros(1, 3, 1, 4 * CROP, 4 * CROP)
+    output = upscale_video(
+        c["sr1_unet"], c["sr1_scheduler"], c["sr1_noising_scheduler"], half_text, low_resolution_video(8),
+        first_frame, steps=2, guidance=7.0, noise_level=250, seed=0,
+    )
+    assert_finite_float32(output, (1, 3, 8, 4 * CROP, 4 * CROP))
+
+
+def test_latent_superres_in_half_precision(half_pipeline, monkeypatch):
+    monkeypatch.setattr(latent_module, "HEIGHT", 64)
+    monkeypatch.setattr(latent_module, "WIDTH", 64)
+    c = half_pipeline.components
+    clip_text = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], PROMPT, "low resolution, blur")
+    video = low_resolution_video(2)
+    output = refine_video(c["sr2_unet"], c["sr2_vae"], c["sr2_scheduler"], clip_text, video, steps=2, strength=1.0,
+                          guidance=15.0, seed=0)
+    assert_finite_float32(output, (1, 3, 2, 64, 64))
+
+
+# --- half precision against float32, network by network ------------------------------------
+
+# Mean error of a half-precision forward relative to the float32 output's mean magnitude, on the
+# reference fixture inputs (README 'Fidelity': float16 measured at 5.4e-3, 3.2e-3, 3.4e-3, 2.5e-2,
+# 2.1e-3); the bounds leave about 2x headroom. A wrong network (another head split) is off by
+# order 1, and bfloat16 is about 10x further than float16 on every UNet.
+UNET_FLOAT16_BOUNDS = {"if2": 1e-2, "base": 6e-3, "interpolation": 6e-3, "sr1": 5e-2, "sr2": 4e-3}
+
+
+def unet_output(name, dtype):
+    """One forward of UNet `name` loaded in `dtype`, on the reference fixture's inputs, as float32."""
+    unet = load_unet(name, dtype)
+    data = expected(f"unet_{name}")
+    class_labels = torch.from_numpy(data["class_labels"]) if "class_labels" in data else None
+    with torch.no_grad():
+        out = unet(
+            torch.from_numpy(data["sample"]).to(dtype), torch.from_numpy(data["timestep"]),
+            encoder_hidden_states=torch.from_numpy(data["encoder_hidden_states"]).to(dtype), class_labels=class_labels,
+        ).sample
+    return out.float()
+
+
+@pytest.mark.parametrize("name", sorted(UNET_FLOAT16_BOUNDS))
+def test_unet_in_half_precision_stays_near_float32(name):
+    full = unet_output(name, torch.float32)
+    errors = {dtype: (unet_output(name, dtype) - full).abs() for dtype in HALF_DTYPES}
+    relative = {dtype: error.mean().item() / full.abs().mean().item() for dtype, error in errors.items()}
+    print(f"unet {name}: mean error / mean |output|: float16 {relative[torch.float16]:.2e}, "
+          f"bfloat16 {relative[torch.bfloat16]:.2e}; max error / max |output|: float16 "
+          f"{errors[torch.float16].max().item() / full.abs().max().item():.2e}")
+    assert relative[torch.float16] <= UNET_FLOAT16_BOUNDS[name]
+    # float16 carries 3 more mantissa bits than bfloat16: it is the closer of the two.
+    assert relative[torch.float16] < relative[torch.bfloat16]
+
+
+def text_states(dtype):
+    c = {
+        key: load_component(REFERENCE_WEIGHTS, key, "cpu", dtype)
+        for key in ("tokenizer", "text_encoder", "sr2_tokenizer", "sr2_text_encoder")
+    }
+    t5 = encode_t5(c["tokenizer"], c["text_encoder"], PROMPT)
+    clip = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], PROMPT, "low resolution, blur")
+    return {"t5": t5.cond.float(), "clip": clip.cond.float()}
+
+
+def test_text_encoders_in_half_precision_stay_near_float32():
+    """T5 in float16 as loaded by transformers (its `wo` layers in float32) and CLIP in float16 are
+    closer to float32 than in bfloat16: the pipeline runs them in float16."""
+    full = text_states(torch.float32)
+    half = {dtype: text_states(dtype) for dtype in HALF_DTYPES}
+    for name in ("t5", "clip"):
+        errors = {dtype: (half[dtype][name] - full[name]).abs().mean().item() for dtype in HALF_DTYPES}
+        print(f"{name}: mean abs error float16 {errors[torch.float16]:.2e}, bfloat16 {errors[torch.bfloat16]:.2e}")
+        assert errors[torch.float16] < errors[torch.bfloat16]
+        assert errors[torch.float16] <= 3e-3  # measured 1.35e-3 (T5), 4.7e-4 (CLIP)
+
+
+# --- non-finite output ------------------------------------------------------------------------
+
+
+def test_a_non_finite_stage_output_raises_naming_the_stage():
+    with pytest.raises(NonFiniteOutputError, match="Stage 'sr1' produced non-finite values"):
+        check_finite("sr1", torch.tensor([0.0, float("nan")]))
+    with pytest.raises(NonFiniteOutputError, match="numerical problem"):
+        check_finite("sr2", torch.tensor([float("inf")]))
+    finite = torch.ones(3)
+    assert check_finite("keyframes", finite) is finite
+
+
+def test_the_pipeline_stops_at_the_first_stage_with_nan(tiny_pipeline, monkeypatch):
+    unet = tiny_pipeline.components["interpolation_unet"]
+    original_forward = unet.forward
+
+    def nan_forward(*args, **kwargs):
+        output = original_forward(*args, **kwargs)
+        output.sample[0, 0, 0, 0, 0] = float("nan")
+        return output
+
+    monkeypatch.setattr(unet, "forward", nan_forward)
+    finished = []
+    with pytest.raises(NonFiniteOutputError, match="Stage 'interpolation'"):
+        tiny_pipeline(PROMPT, keyframe_steps=1, interpolation_steps=1, output_stage="interpolated",
+                      on_stage_end=lambda stage, seconds: finished.append(stage))
+    assert finished == ["text", "keyframes"]
