@@ -6,9 +6,10 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from .models import UNet3DConditionModel
+from .precision import tensor_dtype
 from .weights import SHOW1_UNET_CLASS_NAMES, WeightsError, resolve_weight_files
 
 
@@ -16,17 +17,43 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the network its config describes."""
 
 
-def read_state_dict(files) -> dict:
-    """Reads one weights file, or an index and its shards, without unpickling arbitrary objects."""
+def tensor_dtype_rule(cls, dtype):
+    """rule(name, stored_dtype): the dtype a checkpoint tensor has in a `cls` model that runs in
+    `dtype`: the float32 modules its class declares stay float32 (show1.precision), integer and
+    boolean buffers keep their dtype. With dtype None every tensor keeps its stored dtype."""
+
+    def rule(name, stored_dtype):
+        if dtype is None or not stored_dtype.is_floating_point:
+            return stored_dtype
+        return tensor_dtype(name, cls, dtype)
+
+    return rule
+
+
+def checkpoint_files(files) -> list:
+    """The files that hold tensors: an index (.json) only names its shards."""
+    return [path for path in files if not path.name.endswith(".json")]
+
+
+def read_state_dict(files, device="cpu", dtype_of=None) -> dict:
+    """Reads one weights file, or an index and its shards, without unpickling arbitrary objects.
+    Tensors are read one at a time, straight onto `device`, and cast there to `dtype_of(name,
+    stored_dtype)` when given. A tensor whose dtype does not change is the file's memory map on
+    the CPU, so nothing is copied and the bytes are read once, when first used."""
     state_dict = {}
-    for path in files:
-        if path.name.endswith(".json"):
-            continue
+    for path in checkpoint_files(files):
         if path.suffix == ".safetensors":
-            state_dict.update(load_file(path))
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                state_dict.update(_cast_each(((name, f.get_tensor(name)) for name in f.keys()), dtype_of))
         else:
-            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state_dict.update(_cast_each(((name, t.to(device)) for name, t in tensors.items()), dtype_of))
     return state_dict
+
+
+def _cast_each(named_tensors, dtype_of):
+    for name, tensor in named_tensors:
+        yield name, tensor if dtype_of is None else tensor.to(dtype_of(name, tensor.dtype))
 
 
 def check_state_dict(model, state_dict, source):
@@ -46,8 +73,15 @@ def check_state_dict(model, state_dict, source):
         raise CheckpointMismatchError(f"{source} does not match its config ({details})")
 
 
+def stored_float_dtype(files):
+    """The dtype of the first floating-point tensor stored in a checkpoint."""
+    state_dict = read_state_dict(files)
+    return next(t.dtype for t in state_dict.values() if t.is_floating_point())
+
+
 def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
-    """Builds `cls` from `folder/config.json` and loads its weights strictly."""
+    """Builds `cls` from `folder/config.json` on the meta device and loads its weights strictly,
+    each tensor read straight onto `device` in the dtype it runs in there (dtype None: as stored)."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -58,11 +92,11 @@ def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
     config = json.loads(config_path.read_text())
     with torch.device("meta"):
         model = cls.from_config(config)
-    state_dict = read_state_dict(files)
-    check_state_dict(model, state_dict, files[0])
     if dtype is None:
-        dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
-    state_dict = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in state_dict.items()}
+        dtype = stored_float_dtype(files)
+    state_dict = read_state_dict(files, device, tensor_dtype_rule(cls, dtype))
+    check_state_dict(model, state_dict, files[0])
+    # assign=True: the model takes the loaded tensors as its parameters, with no second copy.
     model.load_state_dict(state_dict, strict=True, assign=True)
     left_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_empty:
@@ -85,23 +119,35 @@ KNOWN_CLASSES = {
 }
 
 
-def component_class(weights_dir, component):
-    """The class that the repo's model_index.json names for a component, mapped to this project."""
-    index_path = Path(weights_dir) / component.repo / "model_index.json"
-    index = json.loads(index_path.read_text())
-    name = tuple(index.get(component.folder) or ())
+def class_in_model_index(index, folder, index_path):
+    """The class that a parsed model_index.json names for a folder, mapped to this project."""
+    name = tuple(index.get(folder) or ())
     if name not in KNOWN_CLASSES:
-        raise WeightsError(f"{index_path} names {name or 'nothing'} for {component.folder!r}; expected one of "
+        raise WeightsError(f"{index_path} names {name or 'nothing'} for {folder!r}; expected one of "
                            f"{sorted(KNOWN_CLASSES)}")
     return KNOWN_CLASSES[name]
 
 
+def component_class(weights_dir, component):
+    """The class that the repo's model_index.json names for a component, mapped to this project."""
+    index_path = Path(weights_dir) / component.repo / "model_index.json"
+    return class_in_model_index(json.loads(index_path.read_text()), component.folder, index_path)
+
+
+def serving_dtype_rule(weights_dir, component):
+    """rule(name, stored_dtype) for a network's tensors in its serving dtype (see tensor_dtype_rule)."""
+    return tensor_dtype_rule(component_class(weights_dir, component), component.serving_dtype)
+
+
 def load_transformers_model(cls, folder, dtype, device):
-    model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    """Loads a transformers model strictly, straight onto `device` in `dtype`: the library casts
+    each tensor as it reads it and keeps the class's float32 modules (see show1.precision), so no
+    `.to(dtype)` afterwards, which would undo that."""
+    model, info = cls.from_pretrained(folder, dtype=dtype, device_map=str(device), output_loading_info=True)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointMismatchError(f"{folder} does not match its config: {problems}")
-    return model.to(device).eval()
+    return model.eval()
 
 
 def scheduler_from_config(cls, config):

@@ -1,4 +1,5 @@
-"""The weights manifest: path, size and sha256 of every file the cascade reads.
+"""The weights manifest: path, size and sha256 of every file the cascade reads, the dtypes of the
+tensors in each checkpoint, and the precision the folder was stored in (see show1.download).
 
 `script/download-weights` writes DIR/manifest.json once the weights are complete. Two checks read it:
 - `verify_manifest` (script/verify-weights) re-hashes every file: slow on 25+ GB, catches any change;
@@ -15,12 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .weights import DOWNLOAD_HINT, WeightsError, required_files
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: dtypes and precision recorded
 PROJECT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 REPAIR_HINT = "Run `script/download-weights {weights_dir}` to fetch them again (only broken files are re-fetched)."
 
@@ -30,6 +33,7 @@ class ManifestEntry:
     path: str  # relative to the weights folder, "/"-separated
     size: int
     sha256: str
+    dtypes: tuple = ()  # of a checkpoint's tensors, e.g. ("float16", "float32"); () for other files
 
 
 def file_sha256(path, on_bytes=None) -> str:
@@ -60,18 +64,47 @@ def manifest_path(weights_dir) -> Path:
     return Path(weights_dir) / MANIFEST_NAME
 
 
-def write_manifest(weights_dir, on_bytes=None) -> Path:
-    """Hashes every file the cascade reads and writes DIR/manifest.json. Raises WeightsError if
+def checkpoint_dtypes(path) -> tuple:
+    """The dtypes of the tensors in a checkpoint file, sorted; () for other files. Reads only the
+    header of a safetensors file (the tensors are memory-mapped and never touched)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors = load_file(path)
+    elif path.suffix == ".bin":
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    else:
+        return ()
+    return dtype_names(t.dtype for t in tensors.values())
+
+
+def dtype_names(dtypes) -> tuple:
+    """The distinct dtypes, sorted, as manifests and messages write them: ("float16", "float32")."""
+    return tuple(sorted({str(dtype).removeprefix("torch.") for dtype in dtypes}))
+
+
+def _manifest_entry(weights_dir, path, on_bytes):
+    entry = {
+        "path": path.relative_to(weights_dir).as_posix(), "size": path.stat().st_size, "sha256": file_sha256(path, on_bytes),
+    }
+    dtypes = checkpoint_dtypes(path)
+    return {**entry, "dtypes": list(dtypes)} if dtypes else entry
+
+
+def write_manifest(weights_dir, on_bytes=None, precision=None) -> Path:
+    """Hashes every file the cascade reads and writes DIR/manifest.json, with the `precision` the
+    networks are stored in ("serving" or "published", None when unknown). Raises WeightsError if
     something the cascade needs is missing, so a manifest always describes a complete folder."""
     weights_dir = Path(weights_dir)
-    entries = [
-        {"path": path.relative_to(weights_dir).as_posix(), "size": path.stat().st_size, "sha256": file_sha256(path, on_bytes)}
-        for path in required_files(weights_dir)
-    ]
-    text = json.dumps({"version": MANIFEST_VERSION, "files": entries}, indent=1) + "\n"
+    entries = [_manifest_entry(weights_dir, path, on_bytes) for path in required_files(weights_dir)]
+    text = json.dumps({"version": MANIFEST_VERSION, "precision": precision, "files": entries}, indent=1) + "\n"
     with written_atomically(manifest_path(weights_dir)) as partial:
         partial.write_text(text)
     return manifest_path(weights_dir)
+
+
+def manifest_precision(weights_dir):
+    """The precision DIR/manifest.json records for the networks: "serving", "published" or None."""
+    return json.loads(manifest_path(weights_dir).read_text()).get("precision")
 
 
 def read_manifest(weights_dir) -> list:
@@ -83,7 +116,10 @@ def read_manifest(weights_dir) -> list:
         data = json.loads(path.read_text())
         if data["version"] != MANIFEST_VERSION:
             raise ValueError(f"version {data['version']!r}, expected {MANIFEST_VERSION}")
-        entries = [ManifestEntry(str(e["path"]), int(e["size"]), str(e["sha256"])) for e in data["files"]]
+        entries = [
+            ManifestEntry(str(e["path"]), int(e["size"]), str(e["sha256"]), tuple(map(str, e.get("dtypes", ()))))
+            for e in data["files"]
+        ]
     except (ValueError, KeyError, TypeError) as error:
         raise WeightsError(f"{path} is not a valid weights manifest ({error}). " + DOWNLOAD_HINT.format(weights_dir=weights_dir)) from error
     for entry in entries:

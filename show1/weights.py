@@ -12,11 +12,19 @@ A weights folder holds one sub-folder per Hugging Face Hub repo, laid out exactl
 
 Only the components below are read: no T5 copies from the other repos, no safety checker,
 watermarker or feature extractor.
+
+Each network declares its serving dtype: the dtype it runs in on a GPU. script/download-weights
+stores it in that dtype and the loader reads it straight into it (on the CPU it is upcast to
+float32). Layers that the model class keeps in float32 (T5's `wo`) stay float32, see
+show1.precision.
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 DOWNLOAD_HINT = "Run `script/download-weights {weights_dir}` to fetch the weights (see README.md, 'Weights')."
 
@@ -35,12 +43,14 @@ SHOW1_UNET_CLASS_NAMES = {("showone.models.unet_3d_condition", "UNet3DConditionM
 
 @dataclass(frozen=True)
 class Component:
-    """One sub-folder of a repo: the files that must be there and, for networks, the weights' stem."""
+    """One sub-folder of a repo: the files that must be there and, for networks, the weights' stem
+    and the dtype the network runs in on a GPU."""
 
     repo: str
     folder: str
     config_files: tuple
     weights_stem: str = ""  # "" for components without weights (schedulers, tokenizers)
+    serving_dtype: Optional[torch.dtype] = None  # None for components without weights
 
     def path(self, weights_dir) -> Path:
         return Path(weights_dir) / self.repo / self.folder
@@ -50,30 +60,31 @@ def _scheduler(repo, folder="scheduler"):
     return Component(repo, folder, ("scheduler_config.json",))
 
 
-def _diffusers_model(repo, folder):
-    return Component(repo, folder, ("config.json",), "diffusion_pytorch_model")
+def _diffusers_model(repo, folder, serving_dtype):
+    return Component(repo, folder, ("config.json",), "diffusion_pytorch_model", serving_dtype)
 
 
-def _transformers_model(repo, folder):
-    return Component(repo, folder, ("config.json",), "model")
+def _transformers_model(repo, folder, serving_dtype):
+    return Component(repo, folder, ("config.json",), "model", serving_dtype)
 
 
+# The serving precision, decided by measurement: on a GPU every network runs in float16.
 COMPONENTS = {
-    "text_encoder": _transformers_model("show-1-base", "text_encoder"),
+    "text_encoder": _transformers_model("show-1-base", "text_encoder", torch.float16),
     "tokenizer": Component("show-1-base", "tokenizer", ()),  # spiece.model or tokenizer.json, see below
-    "keyframes_unet": _diffusers_model("show-1-base", "unet"),
+    "keyframes_unet": _diffusers_model("show-1-base", "unet", torch.float16),
     "keyframes_scheduler": _scheduler("show-1-base"),
-    "interpolation_unet": _diffusers_model("show-1-interpolation", "unet"),
+    "interpolation_unet": _diffusers_model("show-1-interpolation", "unet", torch.float16),
     "interpolation_scheduler": _scheduler("show-1-interpolation"),
-    "first_frame_unet": _diffusers_model("IF-II-L-v1.0", "unet"),
+    "first_frame_unet": _diffusers_model("IF-II-L-v1.0", "unet", torch.float16),
     "first_frame_scheduler": _scheduler("IF-II-L-v1.0"),
     "first_frame_noising_scheduler": _scheduler("IF-II-L-v1.0", "image_noising_scheduler"),
-    "sr1_unet": _diffusers_model("show-1-sr1", "unet"),
+    "sr1_unet": _diffusers_model("show-1-sr1", "unet", torch.float16),
     "sr1_scheduler": _scheduler("show-1-sr1"),
     "sr1_noising_scheduler": _scheduler("show-1-sr1", "image_noising_scheduler"),
-    "sr2_unet": _diffusers_model("show-1-sr2", "unet"),
-    "sr2_vae": _diffusers_model("show-1-sr2", "vae"),
-    "sr2_text_encoder": _transformers_model("show-1-sr2", "text_encoder"),
+    "sr2_unet": _diffusers_model("show-1-sr2", "unet", torch.float16),
+    "sr2_vae": _diffusers_model("show-1-sr2", "vae", torch.float16),
+    "sr2_text_encoder": _transformers_model("show-1-sr2", "text_encoder", torch.float16),
     "sr2_tokenizer": Component("show-1-sr2", "tokenizer", ()),
     "sr2_scheduler": _scheduler("show-1-sr2"),
 }

@@ -1,5 +1,6 @@
-"""script/download-weights: which files it takes, the --from copy, pickle -> safetensors conversion,
-resuming, the manifest it writes, the Hub path (with the Hub calls replaced) and its error messages."""
+"""script/download-weights: which files it takes, the --from copy, conversion to safetensors in the
+serving dtypes (or, with --keep-dtypes, the published ones), resuming, the manifest it writes, the
+Hub path (with the Hub calls replaced) and its error messages."""
 
 import fnmatch
 import hashlib
@@ -14,12 +15,15 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
+import transformers
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import show1.download as download
 from show1.download import (
+    PUBLISHED,
+    SERVING,
     ConversionError,
     DownloadError,
     HubSource,
@@ -31,8 +35,9 @@ from show1.download import (
     safetensors_name,
     select_repo_files,
 )
-from show1.manifest import read_manifest, verify_manifest
-from show1.weights import required_files
+from show1.loading import serving_dtype_rule, tensor_dtype_rule
+from show1.manifest import manifest_precision, read_manifest, verify_main, verify_manifest
+from show1.weights import COMPONENTS, required_files
 
 from conftest import REFERENCE_WEIGHTS
 
@@ -95,8 +100,27 @@ CONVERTED_PICKLES = {
 }
 
 
+# The network each converted file belongs to, for its serving dtypes.
+NETWORK_OF = {
+    converted: next(key for key, c in COMPONENTS.items() if converted.startswith(f"{c.repo}/{c.folder}/") and c.weights_stem)
+    for converted in CONVERTED_PICKLES.values()
+}
+T5_SHARDS = [p for p in CONVERTED_PICKLES.values() if p.startswith("show-1-base/text_encoder/")]
+
+
 def relative_files(folder) -> set:
     return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def file_contents(path):
+    """What a file holds: for safetensors, its metadata and each tensor's dtype, shape and bytes
+    (safetensors writes its metadata in no fixed order, so equal files may differ in bytes)."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {name: (t.dtype, tuple(t.shape), bytes(t.reshape(-1).view(torch.uint8).numpy())) for name, t in load_file(path).items()}
+    return metadata, tensors
 
 
 def modification_times(folder) -> dict:
@@ -113,6 +137,21 @@ def assert_bit_identical(original: dict, converted: dict):
 
 def load_pickle(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def serving_dtype_of(converted_name):
+    """The per-tensor serving dtype rule of the network a converted file belongs to."""
+    return serving_dtype_rule(REFERENCE_WEIGHTS, COMPONENTS[NETWORK_OF[converted_name]])
+
+
+def cast_by(state_dict, dtype_of) -> dict:
+    return {name: tensor.to(dtype_of(name, tensor.dtype)) for name, tensor in state_dict.items()}
+
+
+def published_tensors(converted_name) -> dict:
+    """The tensors of the fixture pickle that a converted file was made from."""
+    pickle_name = next(p for p, c in CONVERTED_PICKLES.items() if c == converted_name)
+    return load_pickle(REFERENCE_WEIGHTS / pickle_name)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +174,14 @@ def downloaded(mirror, tmp_path_factory):
     return weights_dir, result.stdout
 
 
+@pytest.fixture(scope="module")
+def downloaded_published(mirror, tmp_path_factory) -> Path:
+    """`script/download-weights --keep-dtypes --from MIRROR DIR`, in this process."""
+    weights_dir = tmp_path_factory.mktemp("published") / "weights"
+    assert download.main(["--keep-dtypes", "--from", str(mirror), str(weights_dir)]) == 0
+    return weights_dir
+
+
 @pytest.fixture
 def weights_copy(downloaded, tmp_path) -> Path:
     """A downloaded folder a test may damage."""
@@ -150,7 +197,11 @@ def weights_copy(downloaded, tmp_path) -> Path:
 def test_download_takes_only_the_files_the_cascade_reads(downloaded):
     weights_dir, stdout = downloaded
     assert relative_files(weights_dir) == EXPECTED_FILES
-    assert re.search(r"total +37 files +25.65 MB", stdout)
+    # Before fetching, the plan gives the size to fetch and the size on disk once converted.
+    assert re.search(r"total +37 files +25.65 MB -> +24.79 MB on disk", stdout)
+    assert "text_encoder/pytorch_model-00002-of-00002.bin (220.00 kB -> 133.28 kB)" in stdout
+    on_disk = sum(path.stat().st_size for path in required_files(weights_dir))
+    assert format(on_disk / 1e6, ".2f") == "24.79"
 
 
 def test_download_leaves_no_pickles_and_no_partial_files(downloaded):
@@ -164,20 +215,61 @@ def test_download_leaves_the_mirror_untouched(mirror):
         assert (mirror / name).read_bytes() == (REFERENCE_WEIGHTS / name).read_bytes()
 
 
-def test_converted_tensors_are_bit_identical_to_the_pickles(downloaded):
+def test_every_network_is_stored_in_its_serving_dtypes(downloaded):
     weights_dir = downloaded[0]
-    for pickle_name, converted_name in CONVERTED_PICKLES.items():
-        assert_bit_identical(load_pickle(REFERENCE_WEIGHTS / pickle_name), load_file(weights_dir / converted_name))
-    # Stored dtypes are kept as they are, including integer buffers.
+    for converted_name in CONVERTED_PICKLES.values():
+        # Each tensor is the published one cast to its serving dtype (float16, bit for bit).
+        expected = cast_by(published_tensors(converted_name), serving_dtype_of(converted_name))
+        assert_bit_identical(expected, load_file(weights_dir / converted_name))
+    t5 = {}
+    for shard in T5_SHARDS:
+        t5.update(load_file(weights_dir / shard))
+    # T5's float32 modules (its class's _keep_in_fp32_modules: the feed-forward output "wo") stay
+    # float32, as transformers runs them; every other tensor is float16.
+    assert {n for n, t in t5.items() if t.dtype == torch.float32} == {n for n in t5 if ".wo." in n}
+    assert {t.dtype for n, t in t5.items() if ".wo." not in n} == {torch.float16}
+    assert len([n for n in t5 if ".wo." in n]) == 2
+    # Integer buffers keep their dtype.
     clip = load_file(weights_dir / "show-1-sr2/text_encoder/model.safetensors")
     assert clip["text_model.embeddings.position_ids"].dtype == torch.int64
-    assert clip["text_model.final_layer_norm.weight"].dtype == torch.float16
-
-
-def test_converted_files_carry_the_metadata_transformers_requires(downloaded):
     for converted_name in CONVERTED_PICKLES.values():
+        if "text_encoder" not in converted_name:
+            assert {t.dtype for t in load_file(weights_dir / converted_name).values()} == {torch.float16}, converted_name
+    # IF-II's fp16 variant is already in its serving dtype: stored exactly as published.
+    if2 = "IF-II-L-v1.0/unet/diffusion_pytorch_model.fp16.safetensors"
+    assert (weights_dir / if2).read_bytes() == (REFERENCE_WEIGHTS / if2).read_bytes()
+
+
+def test_t5_in_its_file_dtypes_is_what_transformers_loads_in_float16(downloaded):
+    """The stored dtypes and the library's keep-in-float32 rule agree, tensor by tensor."""
+    folder = downloaded[0] / "show-1-base/text_encoder"
+    t5 = transformers.T5EncoderModel.from_pretrained(folder, dtype=torch.float16)
+    stored = {}
+    for shard in T5_SHARDS:
+        stored.update(load_file(downloaded[0] / shard))
+    assert {name: t.dtype for name, t in t5.state_dict().items()} == {name: stored[name].dtype for name in t5.state_dict()}
+
+
+def test_keep_dtypes_converts_pickles_bit_identically(downloaded_published):
+    assert relative_files(downloaded_published) == EXPECTED_FILES
+    for pickle_name, converted_name in CONVERTED_PICKLES.items():
+        assert_bit_identical(load_pickle(REFERENCE_WEIGHTS / pickle_name), load_file(downloaded_published / converted_name))
+    t5 = load_file(downloaded_published / T5_SHARDS[0])
+    assert {t.dtype for t in t5.values()} == {torch.float32}
+    assert manifest_precision(downloaded_published) == PUBLISHED
+    verify_manifest(downloaded_published)
+
+
+def test_converted_files_carry_the_metadata_transformers_requires_and_their_source(downloaded):
+    for pickle_name, converted_name in CONVERTED_PICKLES.items():
         with safe_open(downloaded[0] / converted_name, framework="pt") as f:
-            assert f.metadata() == {"format": "pt"}
+            assert f.metadata() == {
+                "format": "pt",
+                "show1.converted_from": Path(pickle_name).name,
+                "show1.converted_from_size": str((REFERENCE_WEIGHTS / pickle_name).stat().st_size),
+                # Whether the dtypes were changed (only T5's) or are as published.
+                "show1.precision": SERVING if converted_name in T5_SHARDS else PUBLISHED,
+            }
 
 
 def test_sharded_index_is_rewritten_for_the_converted_shards(downloaded):
@@ -198,6 +290,24 @@ def test_manifest_lists_every_file_the_cascade_reads(downloaded):
     for path, entry in entries.items():
         data = (weights_dir / path).read_bytes()
         assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest(), path
+
+
+def test_manifest_records_each_checkpoints_dtypes_and_the_precision(downloaded):
+    weights_dir = downloaded[0]
+    dtypes = {e.path: e.dtypes for e in read_manifest(weights_dir) if e.dtypes}
+    assert dtypes == {
+        **{path: ("float16",) for path in CONVERTED_PICKLES.values() if "text_encoder" not in path},
+        "IF-II-L-v1.0/unet/diffusion_pytorch_model.fp16.safetensors": ("float16",),
+        "show-1-base/text_encoder/model-00001-of-00002.safetensors": ("float16",),
+        "show-1-base/text_encoder/model-00002-of-00002.safetensors": ("float16", "float32"),
+        "show-1-sr2/text_encoder/model.safetensors": ("float16", "int64"),
+    }
+    assert manifest_precision(weights_dir) == SERVING
+
+
+def test_verify_weights_passes_on_the_downloaded_folder(downloaded, capsys):
+    assert verify_main([str(downloaded[0])]) == 0
+    assert f"OK: {len(EXPECTED_FILES) - 1} files" in capsys.readouterr().out
 
 
 def test_rerun_on_a_complete_folder_changes_nothing(mirror, weights_copy, capsys):
@@ -238,6 +348,33 @@ def test_rerun_repairs_files_that_no_longer_match_the_manifest(mirror, weights_c
     assert config.read_bytes() == (REFERENCE_WEIGHTS / "show-1-sr2/unet/config.json").read_bytes()
 
 
+def test_keep_dtypes_on_a_serving_folder_fetches_the_float32_t5_again(mirror, weights_copy, capsys):
+    assert download.main(["--keep-dtypes", "--from", str(mirror), str(weights_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "holds the serving dtypes; storing the published dtypes instead" in out
+    # Only T5 changes: float16 cannot give its float32 values back, so its shards are fetched again.
+    assert re.findall(r"\[\d+/\d+\] (\S+)", out) == [
+        "show-1-base/text_encoder/pytorch_model-00001-of-00002.bin",
+        "show-1-base/text_encoder/pytorch_model-00002-of-00002.bin",
+    ]
+    assert_bit_identical(load_pickle(REFERENCE_WEIGHTS / "show-1-base/text_encoder/pytorch_model-00001-of-00002.bin"),
+                         load_file(weights_copy / T5_SHARDS[0]))
+    assert manifest_precision(weights_copy) == PUBLISHED
+    verify_manifest(weights_copy)
+
+
+def test_serving_dtypes_on_a_published_folder_convert_without_fetching(mirror, downloaded, downloaded_published, tmp_path, capsys):
+    weights_dir = tmp_path / "weights"
+    shutil.copytree(downloaded_published, weights_dir)
+    assert download.main(["--from", str(mirror), str(weights_dir)]) == 0
+    out = capsys.readouterr().out
+    assert not re.findall(r"\[\d+/\d+\]", out)
+    assert "converting" in out and T5_SHARDS[0].split("/")[-1] in out
+    assert relative_files(weights_dir) == relative_files(downloaded[0])
+    for path in relative_files(weights_dir) - {"manifest.json"}:
+        assert file_contents(weights_dir / path) == file_contents(downloaded[0] / path), path
+
+
 def test_from_a_folder_without_the_repos_says_what_it_expects(tmp_path, capsys):
     assert download.main(["--from", str(tmp_path), str(tmp_path / "weights")]) == 1
     err = capsys.readouterr().err
@@ -255,25 +392,26 @@ def test_download_refuses_to_start_without_enough_disk_space(mirror, tmp_path, m
 # The converted folder loads with the libraries the engine uses
 
 
-def test_transformers_load_the_converted_text_encoders(downloaded):
+def test_transformers_load_the_converted_text_encoders(downloaded, downloaded_published):
     from transformers import CLIPTextModel, T5EncoderModel
 
-    weights_dir = downloaded[0]
-    t5 = T5EncoderModel.from_pretrained(weights_dir / "show-1-base/text_encoder", dtype=torch.float32)
-    t5_pickles = {}
-    for shard in ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"):
-        t5_pickles.update(load_pickle(REFERENCE_WEIGHTS / "show-1-base/text_encoder" / shard))
-    t5_state = t5.state_dict()
-    assert all(torch.equal(t5_state[name], tensor) for name, tensor in t5_pickles.items())
+    # On the CPU the pipeline upcasts to float32: the values are the serving ones.
+    for weights_dir in (downloaded[0], downloaded_published):
+        t5 = T5EncoderModel.from_pretrained(weights_dir / "show-1-base/text_encoder", dtype=torch.float32)
+        t5_stored = {}
+        for shard in T5_SHARDS:
+            t5_stored.update(load_file(weights_dir / shard))
+        t5_state = t5.state_dict()
+        assert all(torch.equal(t5_state[name], tensor.float()) for name, tensor in t5_stored.items())
 
-    clip = CLIPTextModel.from_pretrained(weights_dir / "show-1-sr2/text_encoder")
+    clip = CLIPTextModel.from_pretrained(downloaded[0] / "show-1-sr2/text_encoder")
     clip_pickle = load_pickle(REFERENCE_WEIGHTS / "show-1-sr2/text_encoder/pytorch_model.bin")
     clip_state = clip.state_dict()
     assert all(torch.equal(clip_state[name], tensor) for name, tensor in clip_pickle.items() if name in clip_state)
     assert clip.dtype == torch.float16
 
 
-def test_pipeline_loads_the_converted_folder_with_the_original_weights(downloaded):
+def test_pipeline_loads_the_converted_folder_and_runs(downloaded):
     from show1 import Show1Pipeline
 
     converted = Show1Pipeline.from_pretrained(downloaded[0], device="cpu", dtype=torch.float32)
@@ -283,7 +421,31 @@ def test_pipeline_loads_the_converted_folder_with_the_original_weights(downloade
     for key in networks:
         ours, theirs = converted.components[key].state_dict(), original.components[key].state_dict()
         assert ours.keys() == theirs.keys(), key
-        assert all(torch.equal(ours[name], theirs[name]) for name in ours), key
+        assert {t.dtype for t in ours.values() if t.is_floating_point()} == {torch.float32}, key
+        # The published weights, rounded to their serving dtypes (a no-op for every network
+        # published in float16, which is all of them but T5).
+        dtype_of = serving_dtype_rule(REFERENCE_WEIGHTS, COMPONENTS[key])
+        assert all(torch.equal(ours[name], theirs[name].to(dtype_of(name, theirs[name].dtype)).to(ours[name].dtype))
+                   for name in ours), key
+    converted.set_progress_bar_config(disable=True)
+    result = converted("A burning lamborghini driving on rainbow.", seed=0, keyframe_steps=1, output_stage="keyframes")
+    assert result.frames.shape == (8, 40, 64, 3) and result.frames.std() > 0
+
+
+def test_pipeline_loads_the_serving_dtypes_as_stored_without_warnings(downloaded, capfd, recwarn):
+    from show1 import Show1Pipeline
+
+    pipe = Show1Pipeline.from_pretrained(downloaded[0], device="cpu", dtype=torch.float16)
+    t5 = pipe.components["text_encoder"]
+    assert {n for n, p in t5.named_parameters() if p.dtype == torch.float32} == {n for n, _ in t5.named_parameters() if ".wo." in n}
+    for key in ("keyframes_unet", "interpolation_unet", "first_frame_unet", "sr1_unet", "sr2_unet", "sr2_vae", "sr2_text_encoder"):
+        assert {p.dtype for p in pipe.components[key].parameters()} == {torch.float16}, key
+    # Nothing is cast after loading, so the libraries have nothing to warn about: the only output
+    # is transformers' progress bar.
+    assert [str(w.message) for w in recwarn] == []
+    printed = capfd.readouterr()
+    lines = re.split(r"[\r\n]+", printed.out + printed.err)
+    assert [line for line in lines if line.strip() and not line.startswith("Loading weights")] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,9 +582,9 @@ def test_gated_repo_without_a_token_says_to_set_hf_token(gated_hub, tmp_path, mo
     assert "accept the licence at https://huggingface.co/DeepFloyd/IF-II-L-v1.0" in err
     assert "HF_TOKEN=<that token>" in err
     # Every repo is listed before anything is fetched, so the refusal comes before any download
-    # (only the small index of a sharded checkpoint is read while choosing files).
+    # (only small JSON files are read while planning: indexes, model_index.json, network configs).
     assert relative_files(tmp_path) == set()
-    assert all(path.endswith(".index.json") for path in gated_hub.downloads)
+    assert all(path.endswith(".json") for path in gated_hub.downloads)
 
 
 def test_gated_repo_with_a_token_that_has_no_access_says_to_accept_the_licence(gated_hub, tmp_path):
@@ -486,6 +648,65 @@ def test_conversion_keeps_tied_strided_and_special_tensors_exactly(tmp_path):
     assert_bit_identical(state_dict, load_file(converted))
 
 
+class KeepsGateInFloat32(torch.nn.Module):
+    _keep_in_fp32_modules = ["gate"]
+
+
+def test_serving_dtypes_follow_the_float32_modules_the_class_declares():
+    rule = tensor_dtype_rule(KeepsGateInFloat32, torch.float16)
+    assert rule("block.0.gate.weight", torch.float32) == torch.float32
+    assert rule("block.0.gate_proj.weight", torch.float32) == torch.float16  # whole module names only
+    assert rule("block.0.wo.weight", torch.float32) == torch.float16
+    assert rule("position_ids", torch.int64) == torch.int64
+    # transformers keeps those modules in float32 only when float16 is asked for.
+    assert tensor_dtype_rule(KeepsGateInFloat32, torch.float32)("block.0.gate.weight", torch.float16) == torch.float32
+    assert tensor_dtype_rule(KeepsGateInFloat32, torch.bfloat16)("block.0.gate.weight", torch.float32) == torch.bfloat16
+    assert tensor_dtype_rule(transformers.T5EncoderModel, torch.float16)("encoder.block.3.layer.1.DenseReluDense.wo.weight", torch.float32) == torch.float32
+
+
+def test_conversion_casts_each_tensor_to_its_serving_dtype_exactly(tmp_path):
+    base = torch.randn(4, 6)
+    state_dict = {
+        "shared.weight": base,
+        "encoder.embed_tokens.weight": base,  # tied
+        "block.0.gate.weight": torch.randn(3, 3),
+        "block.0.up.weight": torch.randn(6, 4).t(),
+        "position_ids": torch.arange(7).unsqueeze(0),
+        "specials": torch.tensor([float("nan"), -0.0, float("inf"), 1e6]),  # 1e6 overflows float16
+    }
+    pickle = tmp_path / "pytorch_model.bin"
+    torch.save(state_dict, pickle)
+    dtype_of = tensor_dtype_rule(KeepsGateInFloat32, torch.float16)
+
+    converted = convert_checkpoint(pickle, dtype_of)
+
+    assert not pickle.exists()
+    stored = load_file(converted)
+    assert {name: t.dtype for name, t in stored.items()} == {
+        "shared.weight": torch.float16, "encoder.embed_tokens.weight": torch.float16, "block.0.gate.weight": torch.float32,
+        "block.0.up.weight": torch.float16, "position_ids": torch.int64, "specials": torch.float16,
+    }
+    assert_bit_identical(cast_by(state_dict, dtype_of), stored)
+
+
+def test_a_float32_safetensors_file_is_converted_in_place_and_a_float16_one_left_as_published(tmp_path):
+    full, half = tmp_path / "full" / "model.safetensors", tmp_path / "half" / "model.safetensors"
+    state_dict = {"w": torch.randn(8, 8), "gate.weight": torch.randn(2)}
+    for path, dtype in ((full, torch.float32), (half, torch.float16)):
+        path.parent.mkdir()
+        save_file({k: v.to(dtype) for k, v in state_dict.items()}, path)
+    published_half = half.read_bytes()
+    dtype_of = tensor_dtype_rule(torch.nn.Module, torch.float16)
+
+    assert convert_checkpoint(full, dtype_of) == full
+    assert convert_checkpoint(half, dtype_of) == half
+
+    assert_bit_identical(cast_by(state_dict, dtype_of), load_file(full))
+    with safe_open(full, framework="pt") as f:
+        assert f.metadata()["show1.converted_from"] == "model.safetensors"
+    assert half.read_bytes() == published_half
+
+
 def test_conversion_refuses_a_pickle_that_is_not_a_flat_state_dict(tmp_path):
     pickle = tmp_path / "diffusion_pytorch_model.bin"
     torch.save({"state_dict": {"w": torch.ones(2)}}, pickle)
@@ -501,7 +722,7 @@ def test_failed_conversion_keeps_the_pickle_and_leaves_no_half_file(tmp_path, mo
     def differs(*args):
         raise ConversionError("tensor w changed")
 
-    monkeypatch.setattr(download, "_check_identical", differs)
+    monkeypatch.setattr(download, "_check_converted", differs)
     with pytest.raises(ConversionError):
         convert_checkpoint(pickle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diffusion_pytorch_model.bin"]

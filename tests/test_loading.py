@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from conftest import REFERENCE_WEIGHTS
 from show1 import Show1Pipeline
-from show1.loading import CheckpointMismatchError, read_state_dict
+from show1.loading import CheckpointMismatchError, load_diffusers_model, read_state_dict
 from show1.models import UNet3DConditionModel
 from show1.weights import WeightsError
 
@@ -57,6 +57,38 @@ def test_sharded_bin(unet_folder):
         torch.save({k: state[k] for k in shard_keys}, unet_folder / name)
         weight_map.update({k: name for k in shard_keys})
     (unet_folder / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_loads_original(unet_folder)
+
+
+def file_mapping(path) -> list:
+    """The address ranges at which this process has `path` memory-mapped (Linux)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def test_float16_file_loads_into_float16_without_a_copy(unet_folder):
+    path = unet_folder / "diffusion_pytorch_model.safetensors"
+    save_file(original_state(), path)  # float16, as download-weights stores it
+    unet = load_diffusers_model(UNet3DConditionModel, unet_folder, dtype=torch.float16)
+    tensors = [*unet.parameters(), *unet.buffers()]
+    assert {t.dtype for t in tensors} == {torch.float16}
+    # Every parameter is the file's memory map itself: no float32 copy, no second float16 copy,
+    # and each byte is read from disk once, when first used.
+    mapping = file_mapping(path.resolve())
+    assert mapping and all(any(start <= t.data_ptr() < end for start, end in mapping) for t in tensors)
+    for key, tensor in original_state().items():
+        assert torch.equal(unet.state_dict()[key], tensor), key
+
+
+def test_float16_file_loads_into_float32_on_the_cpu(unet_folder):
+    save_file(original_state(), unet_folder / "diffusion_pytorch_model.safetensors")
+    unet = load_diffusers_model(UNet3DConditionModel, unet_folder, dtype=torch.float32)
+    assert {t.dtype for t in unet.parameters()} == {torch.float32}
     assert_loads_original(unet_folder)
 
 

@@ -56,6 +56,19 @@ def test_manifest_records_size_and_sha256_of_every_file_the_cascade_reads(weight
         assert (entry.size, entry.sha256) == (len(data), hashlib.sha256(data).hexdigest()), entry.path
 
 
+def test_manifest_records_the_dtypes_of_each_checkpoint_and_the_precision(weights):
+    dtypes = {e.path: e.dtypes for e in read_manifest(weights)}
+    assert dtypes[UNET] == ("float16",)
+    assert dtypes["show-1-base/text_encoder/pytorch_model-00001-of-00002.bin"] == ("float32",)
+    assert dtypes["show-1-sr2/text_encoder/pytorch_model.bin"] == ("float16", "int64")
+    assert dtypes["IF-II-L-v1.0/unet/diffusion_pytorch_model.fp16.safetensors"] == ("float16",)
+    assert dtypes[CONFIG] == () and dtypes[TOKENIZER] == ()
+    # A folder assembled by hand does not say which precision it holds.
+    assert manifest.manifest_precision(weights) is None
+    write_manifest(weights, precision="serving")
+    assert manifest.manifest_precision(weights) == "serving"
+
+
 def test_manifest_is_not_written_for_an_incomplete_folder(weights):
     (weights / "manifest.json").unlink()
     (weights / TOKENIZER).unlink()
@@ -142,10 +155,11 @@ def test_size_check_without_a_manifest_does_nothing():
 
 @pytest.mark.parametrize("content, error", [
     ("{not json", "is not a valid weights manifest"),
-    ('{"version": 2, "files": []}', "version 2, expected 1"),
-    ('{"version": 1, "files": [{"path": "a"}]}', "is not a valid weights manifest"),
-    ('{"version": 1, "files": [{"path": "../outside", "size": 1, "sha256": "0"}]}', "not a path inside the weights folder"),
-    ('{"version": 1, "files": [{"path": "/etc/passwd", "size": 1, "sha256": "0"}]}', "not a path inside the weights folder"),
+    # Version 1 manifests described folders in published dtypes, before conversion to serving ones.
+    ('{"version": 1, "files": []}', "version 1, expected 2"),
+    ('{"version": 2, "files": [{"path": "a"}]}', "is not a valid weights manifest"),
+    ('{"version": 2, "files": [{"path": "../outside", "size": 1, "sha256": "0"}]}', "not a path inside the weights folder"),
+    ('{"version": 2, "files": [{"path": "/etc/passwd", "size": 1, "sha256": "0"}]}', "not a path inside the weights folder"),
 ])
 def test_a_malformed_manifest_is_a_clear_error(weights, content, error):
     (weights / "manifest.json").write_text(content)

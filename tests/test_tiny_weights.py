@@ -13,7 +13,9 @@ import torch
 import transformers
 
 from show1 import Show1Pipeline
-from show1.loading import read_state_dict
+from show1.download import LocalSource, download_weights
+from show1.loading import read_state_dict, serving_dtype_rule
+from show1.manifest import verify_manifest
 from show1.models import UNet3DConditionModel
 from show1.weights import COMPONENTS, required_files, resolve_weight_files
 
@@ -212,6 +214,26 @@ def test_clip_tokenizer_loads_and_pads_to_77(runs, cls):
         assert "".join(tokens) == word + "</w>"
         assert len(tokens) < len(word) or len(word) == 1, tokens
     assert tokenizer.tokenize("driving") == ["driving</w>"]
+
+
+def test_download_weights_stores_generated_weights_in_their_serving_dtypes(runs, tmp_path):
+    """The generated folder as a mirror: float32 T5 shards in safetensors are converted in place."""
+    mirror, weights_dir = runs["seed1_safetensors"], tmp_path / "weights"
+    download_weights(weights_dir, LocalSource(mirror), out=lambda line: None)
+    verify_manifest(weights_dir)
+    for key in NETWORKS:
+        published, stored = network_state(mirror, key), network_state(weights_dir, key)
+        dtype_of = serving_dtype_rule(weights_dir, COMPONENTS[key])
+        assert published.keys() == stored.keys(), key
+        for name, tensor in published.items():
+            assert stored[name].dtype == dtype_of(name, tensor.dtype), name
+            assert torch.equal(stored[name], tensor.to(stored[name].dtype)), name
+    t5 = network_state(weights_dir, "text_encoder")
+    assert {n for n, t in t5.items() if t.dtype == torch.float32} == {n for n in t5 if ".wo." in n} != set()
+    pipe = Show1Pipeline.from_pretrained(weights_dir, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(PROMPT, seed=0, keyframe_steps=2, output_stage="keyframes")
+    assert result.frames.shape == (8, 40, 64, 3) and result.frames.std() > 0
 
 
 def test_the_pipeline_loads_the_other_format(runs):
