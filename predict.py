@@ -5,6 +5,7 @@ it, and only literal defaults, ranges and choices reach the schema that the web 
 are generated from. tests/test_predictor.py checks that they match show1.settings.
 """
 
+import atexit
 import gc
 import os
 import pathlib
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 import traceback
 import uuid
+import warnings
 from typing import Optional
 
 import torch
@@ -20,6 +22,17 @@ from cog import BasePredictor, CancelationException, Input, Path, current_scope
 
 from show1 import Show1Pipeline
 from show1.video import VIDEO_FORMATS, write_video
+
+# Cog 0.23 warns that BasePredictor and predict() are deprecated in favour of BaseRunner and run().
+# They stay: they are the names the Replicate web form and `cog predict` use today. Only these two
+# warnings are silenced (Cog raises them when it loads this class, naming it "Predictor" or
+# "predict.Predictor"); any other warning still shows.
+KEPT_DEPRECATED_NAMES = (
+    r"BasePredictor is deprecated; use BaseRunner instead",
+    r"(predict\.)?Predictor\.predict\(\) is deprecated; use run\(\) instead",
+)
+for message in KEPT_DEPRECATED_NAMES:
+    warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
 
 DEFAULT_WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 LOW_MEMORY_BELOW_BYTES = 40 * 2**30
@@ -37,9 +50,10 @@ def weights_dir() -> pathlib.Path:
 
 
 def device_and_dtype():
-    """Half precision on a GPU; full precision on the CPU, where float16 is slow or unsupported."""
+    """On a GPU each network in its serving precision (None: float16, T5's `wo` layers float32);
+    full precision on the CPU, where float16 is slow or unsupported."""
     if torch.cuda.is_available():
-        return "cuda", torch.float16
+        return "cuda", None
     return "cpu", torch.float32
 
 
@@ -103,15 +117,22 @@ class Predictor(BasePredictor):
         device, dtype = device_and_dtype()
         low_memory = use_low_memory(device)
         self.pipe = Show1Pipeline.from_pretrained(weights_dir(), device=device, dtype=dtype, low_memory=low_memory)
-        self.pipe.set_progress_bar_config(disable=True)
-        # Cog does not delete returned files, so each prediction clears this folder first.
+        # Log lines rather than tqdm bars: Cog's logs are lines, not a terminal.
+        self.pipe.set_progress_bar_config(log=True)
+        # Cog does not delete returned files, so each prediction clears this folder first, and the
+        # worker removes it when it exits: the server shuts its worker down normally on SIGTERM
+        # (docker stop, script/predict) or Ctrl-C, and that runs atexit handlers.
         self.output_dir = pathlib.Path(tempfile.mkdtemp(prefix="show1-outputs-"))
+        atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
         mode = "stages offloaded to the CPU between uses" if low_memory else "every stage resident"
-        print(f"Show-1 loaded from {weights_dir()} on {device} ({dtype}, {mode})")
+        precision = dtype or "serving precision: float16"
+        print(f"Show-1 loaded from {weights_dir()} on {device} ({precision}, {mode})")
 
     def predict(
         self,
-        prompt: str = Input(description="What the video shows."),
+        prompt: str = Input(
+            description="What the video shows. Only its first 77 tokens (about 50 words) are read; a longer prompt is cut and the logs say how many tokens were dropped."
+        ),
         negative_prompt: str = Input(
             default="low resolution, blur",
             description="What to steer away from (used by the final 576x320 refinement).",
@@ -184,3 +205,8 @@ class Predictor(BasePredictor):
             where = f"after stage {finished_stages[-1]}" if finished_stages else "in the first stage"
             release_memory(error)
             raise RuntimeError(OUT_OF_MEMORY_MESSAGE.format(where=where)) from None
+        except Exception as error:
+            # A failed stage (NaN output, a bad setting) keeps its tensors alive through the
+            # traceback: free them so the container serves the next prediction with a clean device.
+            release_memory(error)
+            raise
