@@ -11,15 +11,16 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from .attention import fused_attention
 from .frames import to_uint8_frames
 from .manifest import check_manifest_sizes
 from .loading import component_class, load_diffusers_model, load_scheduler, load_transformers_model
+from .progress import StepLog
 from .settings import Show1Settings
 from .stages import generate_keyframes, interpolate_keyframes, refine_video, upscale_first_frame, upscale_video
+from .stages.video_superres import window_starts
 from .text import encode_clip, encode_t5
 from .weights import COMPONENTS, required_files
 
@@ -59,7 +60,7 @@ REFERENCE_PLAN = ExecutionPlan(offload=True, interpolation_batch=1)
 
 
 @dataclass
-class Show1Output(BaseOutput):
+class Show1Output:
     """`frames`: uint8 [F, H, W, 3] of the last stage run. The intermediate stages as float
     tensors in [-1, 1], [1, 3, F, H, W] (None when not run), and seconds per stage."""
 
@@ -125,16 +126,12 @@ class Show1Pipeline:
         5 s), which is what a server's logs need."""
         self._progress_config.update(kwargs)
 
-    def _progress(self, desc):
+    def _progress(self, desc, windows=1):
+        """The progress wrapper of a stage's steps loop; a stage that runs the loop once per window
+        (sr1) says how many, so that each log line names its window."""
         config = dict(self._progress_config)
         if config.pop("log", False) and not config.get("disable"):
-            from .progress import StepLog
-            from .stages.video_superres import window_starts
-
-            if desc == "super-resolution 1":
-                # sr1 runs its steps once per window of its 29 frames: name the window in each line.
-                return StepLog(desc, passes=len(window_starts(29)), pass_name="window")
-            return StepLog(desc)
+            return StepLog(desc, passes=windows, pass_name="window")
         return lambda steps: tqdm(steps, desc=desc, **config)
 
     @contextmanager
@@ -209,7 +206,9 @@ class Show1Pipeline:
             result.sr1 = check_finite("sr1", upscale_video(
                 c["sr1_unet"], c["sr1_scheduler"], c["sr1_noising_scheduler"], text, result.interpolated,
                 result.first_frame, steps=s.sr1_steps, guidance=s.sr1_guidance, noise_level=s.sr1_noise_level,
-                seed=s.seed, progress=self._progress("super-resolution 1"),
+                seed=s.seed, progress=self._progress(
+                    "super-resolution 1", windows=len(window_starts(result.interpolated.shape[2]))
+                ),
             ))
         if s.output_stage == "sr1":
             return self._finish(result, result.sr1)

@@ -1,39 +1,38 @@
 """Every user-facing setting of the cascade, with the reference defaults and sane ranges.
 
-This is the one place the defaults live: the pipeline reads them, the Cog inputs are generated
-from them and the benchmark uses them. The numbers are those of the reference driver.
+This is the one place the defaults live: the pipeline and the benchmark read them. predict.py
+writes its Cog inputs as literals (`cog build` reads them without running any code), and
+tests/test_predictor.py checks that they match these. The numbers are those of the reference driver.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 
 @dataclass(frozen=True)
 class Setting:
+    """A setting's reference default and, for numbers, its inclusive range."""
+
     default: object
-    description: str
     ge: Optional[float] = None
     le: Optional[float] = None
 
 
 SETTINGS = {
-    "negative_prompt": Setting(
-        "low resolution, blur",
-        "What the final (latent) super-resolution stage steers away from.",
-    ),
-    "keyframe_steps": Setting(75, "Denoising steps for the 8 keyframes (64x40).", 1, 500),
-    "keyframe_guidance": Setting(9.0, "Classifier-free guidance for the keyframes.", 1.0, 30.0),
-    "interpolation_steps": Setting(75, "Denoising steps for frame interpolation (8 -> 29 frames).", 1, 500),
-    "interpolation_guidance": Setting(4.0, "Classifier-free guidance for interpolation.", 1.0, 30.0),
-    "first_frame_steps": Setting(70, "Denoising steps for the first-frame image super-resolution.", 1, 500),
-    "first_frame_guidance": Setting(4.0, "Classifier-free guidance for the first frame.", 1.0, 30.0),
-    "first_frame_noise_level": Setting(150, "Noise added to the upscaled first frame (0-999).", 0, 999),
-    "sr1_steps": Setting(125, "Denoising steps per window of video super-resolution 1 (256x160).", 1, 500),
-    "sr1_guidance": Setting(7.0, "Classifier-free guidance for video super-resolution 1.", 1.0, 30.0),
-    "sr1_noise_level": Setting(250, "Noise added to the upscaled frames in super-resolution 1 (0-999).", 0, 999),
-    "sr2_steps": Setting(50, "Scheduler steps of video super-resolution 2 (576x320); strength decides how many run.", 1, 500),
-    "sr2_strength": Setting(0.8, "How much of the sr2 schedule runs (0.8 of 50 steps = 40).", 0.0, 1.0),
-    "sr2_guidance": Setting(15.0, "Classifier-free guidance for video super-resolution 2.", 1.0, 30.0),
+    "negative_prompt": Setting("low resolution, blur"),  # what sr2's guidance steers away from
+    "keyframe_steps": Setting(75, 1, 500),
+    "keyframe_guidance": Setting(9.0, 1.0, 30.0),
+    "interpolation_steps": Setting(75, 1, 500),
+    "interpolation_guidance": Setting(4.0, 1.0, 30.0),
+    "first_frame_steps": Setting(70, 1, 500),
+    "first_frame_guidance": Setting(4.0, 1.0, 30.0),
+    "first_frame_noise_level": Setting(150, 0, 999),
+    "sr1_steps": Setting(125, 1, 500),
+    "sr1_guidance": Setting(7.0, 1.0, 30.0),
+    "sr1_noise_level": Setting(250, 0, 999),
+    "sr2_steps": Setting(50, 1, 500),
+    "sr2_strength": Setting(0.8, 0.0, 1.0),
+    "sr2_guidance": Setting(15.0, 1.0, 30.0),
 }
 
 # How far the cascade runs. Each later stage includes the earlier ones.
@@ -72,7 +71,3 @@ class Show1Settings:
             raise ValueError(f"output_stage must be one of {OUTPUT_STAGES}, got {self.output_stage!r}")
         if int(self.sr2_steps * self.sr2_strength) < 1 and self.output_stage == "full":
             raise ValueError("sr2_steps * sr2_strength must give at least one denoising step")
-
-    @classmethod
-    def names(cls):
-        return [f.name for f in fields(cls)]

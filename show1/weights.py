@@ -197,9 +197,3 @@ def _missing_message(weights_dir, missing):
         f"The Show-1 weights in {weights_dir} are incomplete; missing:\n{shown}{more}\n"
         + DOWNLOAD_HINT.format(weights_dir=weights_dir)
     )
-
-
-def unet_class_name(weights_dir, repo) -> tuple:
-    """The (module, class) that a repo's model_index.json names for its UNet."""
-    index = json.loads((Path(weights_dir) / repo / "model_index.json").read_text())
-    return tuple(index["unet"])

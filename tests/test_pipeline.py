@@ -4,13 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import expected
+from conftest import FAST, expected
 from show1 import Show1Pipeline
 from show1.pipeline import STAGE_NAMES
 from show1.stages import generate_keyframes, upscale_first_frame
 from show1.text import encode_t5
-
-FAST = dict(keyframe_steps=1, interpolation_steps=1, first_frame_steps=1, sr1_steps=1, sr2_steps=2)
 
 
 @pytest.fixture(scope="module")

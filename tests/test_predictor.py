@@ -13,12 +13,12 @@ import torch
 from cog import CancelationException, _inspector
 
 import predict
+from conftest import FAST
 from show1.settings import OUTPUT_STAGES, SETTINGS
 from show1.video import VIDEO_FORMATS
 
 PREDICT_SOURCE = Path(predict.__file__).read_text()
 INPUTS = _inspector.create_predictor("predict", "Predictor").inputs
-FAST = {"keyframe_steps": 1, "interpolation_steps": 1, "first_frame_steps": 1, "sr1_steps": 1, "sr2_steps": 2}
 
 # Cog input -> the engine setting it sets (the other settings keep their reference values).
 ENGINE_SETTING = {
