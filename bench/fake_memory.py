@@ -1,0 +1,281 @@
+"""Predicted peak GPU memory of every stage at the published sizes, on a machine without a GPU.
+
+Every network is built at its published size on the meta device, cast to its serving dtype
+(float16; T5's `wo` layers float32, as transformers loads it) and moved onto fake tensors
+(torch's FakeTensorMode): each forward the stage makes runs once, at the shapes the stage code
+uses, and every operator's output has its real size and dtype but no memory behind it. A dispatch
+mode counts the bytes of the storages those operators create while they are alive, and keeps the
+peak: that is the activation memory of the call. Nothing is downloaded and nothing is allocated.
+
+Two things differ from a GPU run and are handled here:
+- On the CPU, scaled_dot_product_attention falls back to the math kernel, which materialises the
+  attention matrix (over 200 GiB for one sr2 forward). The pipeline only allows the fused kernels
+  on a GPU, so attention is replaced by a stand-in that allocates what the flash kernel allocates:
+  the output, its float32 log-sum-exp, and padded copies of q/k/v when the head size is not a
+  multiple of 8.
+- The CUDA caching allocator rounds blocks up and keeps freed blocks for reuse, and cuBLAS/cuDNN
+  take workspaces; none of this is counted, so a GPU's max_memory_allocated will be somewhat higher.
+"""
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from show1.benchmark import network_configs, stage_weight_bytes, tiny_repos
+from show1.pipeline import STAGE_NETWORKS
+from show1.precision import cast_as_loaded
+from show1.random_weights import build_network
+from show1.stages.interpolation import SEGMENT_FRAMES
+from show1.stages.keyframes import HEIGHT, NUM_KEYFRAMES, WIDTH
+from show1.stages.latent_superres import HEIGHT as SR2_HEIGHT
+from show1.stages.latent_superres import WIDTH as SR2_WIDTH
+from show1.stages.video_superres import UPSCALE, WINDOW
+from show1.text import MAX_TOKENS
+from show1.weights import COMPONENTS
+
+GIB = 2**30
+SERVING_DTYPE = torch.float16
+GUIDANCE_BATCH = 2  # classifier-free guidance runs [unconditional, conditional] in one batch
+SEGMENTS = NUM_KEYFRAMES - 1
+VIDEO_FRAMES = (SEGMENT_FRAMES - 1) * SEGMENTS + 1  # 29: neighbouring segments share a keyframe
+FLASH_HEAD_MULTIPLE = 8
+
+
+class LiveStorageBytes(TorchDispatchMode):
+    """Bytes of the storages created by operators while this mode is active and still alive, and
+    their peak. Storages that existed before (weights, inputs) and views of them are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage(), inputs)
+        return out
+
+    def _count(self, storage, inputs):
+        key = storage._cdata
+        if key in inputs or key in self._counted:
+            return
+        self._counted.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        # The storage's Python object lives exactly as long as the storage itself.
+        weakref.finalize(storage, self._free, key, storage.nbytes())
+
+    def _free(self, key, nbytes):
+        self._counted.discard(key)
+        self.live -= nbytes
+
+
+class FlashAttentionStandIn(TorchFunctionMode):
+    """Replaces scaled_dot_product_attention by the allocations of the flash kernel."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        query, key, value = args[:3]
+        head = query.shape[-1]
+        padded = -(-head // FLASH_HEAD_MULTIPLE) * FLASH_HEAD_MULTIPLE
+        # Held until the output exists, as inside the kernel.
+        padded_copies = [t.new_empty((*t.shape[:-1], padded)) for t in (query, key, value)] if padded != head else []
+        log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        del padded_copies, log_sum_exp
+        return out
+
+
+def published_networks_on_meta() -> dict:
+    """{component key: network} of every network at its published size, on the meta device, in
+    its serving dtype."""
+    repos = tiny_repos()
+    configs = network_configs("published", repos)
+    networks = {}
+    for key, component in COMPONENTS.items():
+        if not component.weights_stem:
+            continue
+        class_name = repos[component.repo]["model_index"][component.folder]
+        with torch.device("meta"):
+            network = build_network(class_name, configs[component.repo][component.folder])
+        networks[key] = cast_as_loaded(network, SERVING_DTYPE).eval()
+    return networks
+
+
+# The forward calls each stage makes, at the shapes of the stage code (show1/stages), with the
+# interpolation segments in one batch as this project runs them. Each takes the fake networks and
+# returns a list of calls; a call returns the tensors it produces.
+
+
+def _text_width(networks, key):
+    config = networks[key].config
+    return getattr(config, "d_model", None) or config.hidden_size
+
+
+def _t5_states(networks, batch):
+    return torch.empty(batch, MAX_TOKENS, _text_width(networks, "text_encoder"), dtype=SERVING_DTYPE)
+
+
+def _timestep():
+    return torch.tensor(999)
+
+
+def _noise_levels(batch, level):
+    return torch.full((batch,), level, dtype=torch.long)
+
+
+def _video_unet_call(networks, key, batch, frames, height, width, text_states, class_labels=None):
+    unet = networks[key]
+    sample = torch.empty(batch, unet.config.in_channels, frames, height, width, dtype=SERVING_DTYPE)
+    return lambda: unet(sample, _timestep(), encoder_hidden_states=text_states, class_labels=class_labels).sample
+
+
+def text_calls(networks):
+    ids = torch.ones(1, MAX_TOKENS, dtype=torch.long)
+    t5, clip = networks["text_encoder"], networks["sr2_text_encoder"]
+    return [lambda: t5(ids, attention_mask=torch.ones_like(ids)).last_hidden_state, lambda: clip(ids)[0]]
+
+
+def keyframes_calls(networks):
+    return [_video_unet_call(networks, "keyframes_unet", GUIDANCE_BATCH, NUM_KEYFRAMES, HEIGHT, WIDTH,
+                             _t5_states(networks, GUIDANCE_BATCH))]
+
+
+def interpolation_calls(networks, segments_per_batch=SEGMENTS):
+    batch = GUIDANCE_BATCH * segments_per_batch
+    return [_video_unet_call(networks, "interpolation_unet", batch, SEGMENT_FRAMES, HEIGHT, WIDTH,
+                             _t5_states(networks, batch))]
+
+
+def first_frame_calls(networks):
+    unet = networks["first_frame_unet"]
+    sample = torch.empty(GUIDANCE_BATCH, unet.config.in_channels, HEIGHT * UPSCALE, WIDTH * UPSCALE, dtype=SERVING_DTYPE)
+    states, levels = _t5_states(networks, GUIDANCE_BATCH), _noise_levels(GUIDANCE_BATCH, 150)
+    return [lambda: unet(sample, _timestep(), encoder_hidden_states=states, class_labels=levels).sample]
+
+
+def sr1_calls(networks):
+    return [_video_unet_call(networks, "sr1_unet", GUIDANCE_BATCH, WINDOW, HEIGHT * UPSCALE, WIDTH * UPSCALE,
+                             _t5_states(networks, GUIDANCE_BATCH), _noise_levels(GUIDANCE_BATCH, 250))]
+
+
+def sr2_calls(networks):
+    """The UNet on all 29 frames' latents; the VAE one frame at a time (as the stage encodes and
+    decodes)."""
+    vae = networks["sr2_vae"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_height, latent_width = SR2_HEIGHT // scale, SR2_WIDTH // scale
+    clip_states = torch.empty(GUIDANCE_BATCH, MAX_TOKENS, _text_width(networks, "sr2_text_encoder"), dtype=SERVING_DTYPE)
+    frame = torch.empty(1, vae.config.in_channels, SR2_HEIGHT, SR2_WIDTH, dtype=SERVING_DTYPE)
+    latent = torch.empty(1, vae.config.latent_channels, latent_height, latent_width, dtype=SERVING_DTYPE)
+    return [
+        lambda: vae.encode(frame).latent_dist.parameters,
+        _video_unet_call(networks, "sr2_unet", GUIDANCE_BATCH, VIDEO_FRAMES, latent_height, latent_width, clip_states),
+        lambda: vae.decode(latent).sample,
+    ]
+
+
+STAGE_CALLS = {
+    "text": text_calls,
+    "keyframes": keyframes_calls,
+    "interpolation": interpolation_calls,
+    "first_frame": first_frame_calls,
+    "sr1": sr1_calls,
+    "sr2": sr2_calls,
+}
+
+
+@dataclass
+class StagePrediction:
+    stage: str
+    weight_bytes: int
+    activation_peak_bytes: int  # the largest peak of one of the stage's forward calls
+
+    @property
+    def peak_bytes(self):
+        """The stage alone on the device (the low-memory plan)."""
+        return self.weight_bytes + self.activation_peak_bytes
+
+
+def activation_peak_bytes(call) -> int:
+    """Peak bytes allocated by one fake forward call above what existed before it."""
+    counter = LiveStorageBytes()
+    with counter:
+        outputs = call()
+        del outputs
+    return counter.peak
+
+
+def predict_stage(stage, networks, weight_bytes) -> StagePrediction:
+    """Runs the stage's forward calls once, its networks moved onto fake tensors (the others are
+    only read for their configs)."""
+    keys = STAGE_NETWORKS[stage]
+    with FakeTensorMode(allow_non_fake_inputs=True), FlashAttentionStandIn(), torch.no_grad():
+        for key in keys:
+            networks[key].to_empty(device="cpu")
+        peak = max(activation_peak_bytes(call) for call in STAGE_CALLS[stage](networks))
+    return StagePrediction(stage, weight_bytes[stage], peak)
+
+
+@dataclass
+class PlanPrediction:
+    stages: dict  # {stage: StagePrediction}
+    all_weight_bytes: int
+
+    @property
+    def resident_bytes(self):
+        """Every network on the device, plus the largest activation peak of any stage."""
+        return self.all_weight_bytes + max(p.activation_peak_bytes for p in self.stages.values())
+
+    @property
+    def low_memory_bytes(self):
+        """One stage's networks on the device at a time: the largest stage alone."""
+        return max(p.peak_bytes for p in self.stages.values())
+
+    @property
+    def largest_stage(self):
+        return max(self.stages.values(), key=lambda p: p.peak_bytes).stage
+
+
+def predict(stages=tuple(STAGE_CALLS), out=print) -> PlanPrediction:
+    """Predicted peaks of `stages` (default all) and of both plans; prints one line per stage."""
+    networks = published_networks_on_meta()
+    weight_bytes = stage_weight_bytes(networks)
+    predictions = {}
+    for stage in stages:
+        predictions[stage] = predict_stage(stage, networks, weight_bytes)
+        out(format_stage(predictions[stage]))
+    return PlanPrediction(predictions, sum(weight_bytes.values()))
+
+
+def gib(nbytes) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def format_stage(p: StagePrediction) -> str:
+    return (f"  {p.stage:<14}weights {gib(p.weight_bytes):>6} GiB   activations {gib(p.activation_peak_bytes):>6} GiB"
+            f"   alone on the GPU {gib(p.peak_bytes):>6} GiB")
+
+
+def format_prediction(prediction: PlanPrediction) -> list:
+    """The plan lines; the last one is `predicted_peak_gib resident=X low_memory=Y`."""
+    stages = ", ".join(prediction.stages)
+    largest = prediction.stages[prediction.largest_stage]
+    return [
+        f"resident plan: all weights {gib(prediction.all_weight_bytes)} GiB + the largest activation peak "
+        f"(of {stages}) = {gib(prediction.resident_bytes)} GiB",
+        f"low-memory plan: the largest stage alone ({largest.stage}: {gib(largest.weight_bytes)} GiB of weights "
+        f"+ {gib(largest.activation_peak_bytes)} GiB of activations) = {gib(prediction.low_memory_bytes)} GiB",
+        f"predicted_peak_gib resident={gib(prediction.resident_bytes)} low_memory={gib(prediction.low_memory_bytes)}",
+    ]
+
