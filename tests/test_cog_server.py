@@ -154,6 +154,9 @@ def save_data_uri(uri: str, path: Path) -> Path:
 
 
 def assert_ready(server):
+    """The server is up and serving: READY once the slot of the prediction it just answered is free
+    (it frees it just after answering, later on a loaded machine; see wait_until_idle)."""
+    server.wait_until_idle()
     assert server.health()["status"] == "READY"
 
 
@@ -407,7 +410,7 @@ def test_twenty_predictions_in_a_row_leave_no_files_descriptors_or_memory_behind
     # resident memory grows by 100-230 MB over the next 20 predictions on the 2-core CI machine (at
     # the previous release too); README 'Known issues' tracks it.
     worker = server.worker_pid()
-    run(3)  # warm-up: lazy imports, allocator pools and encoder start-up settle
+    run(10)  # warm-up: lazy imports, allocator pools and encoder start-up settle
     before = {**process_usage(worker), **folder_usage(server.tmpdir)}
     started = time.monotonic()
     prediction_ids = run(20)
@@ -509,7 +512,6 @@ def test_a_cancelled_prediction_cleans_up_and_the_next_one_succeeds(server, webh
 
     # The webhook reports the cancellation as soon as it is decided; the worker then unwinds the
     # interrupted stage (a UNet call runs to its end) and frees its memory before the slot is free.
-    server.wait_until_idle()
     assert_ready(server)
     prediction = succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))
     assert prediction["output"].startswith("data:video/mp4;base64,")
