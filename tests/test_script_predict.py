@@ -194,7 +194,7 @@ def test_the_pipeline_logs_lines_instead_of_bars_when_asked(capsys):
     list(pipe._progress("interpolation")(torch.arange(20)))
     assert progress_lines(capsys.readouterr().out, "interpolation") == [(done, 20) for done in range(2, 21, 2)]
 
-    sr1 = pipe._progress("super-resolution 1")
+    sr1 = pipe._progress("super-resolution 1", windows=4)
     for _ in range(4):
         list(sr1(range(3)))
     output = capsys.readouterr().out
