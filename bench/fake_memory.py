@@ -26,17 +26,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from show1.benchmark import network_configs, stage_weight_bytes, tiny_repos
-from show1.pipeline import STAGE_NETWORKS
-from show1.precision import cast_as_loaded
-from show1.random_weights import build_network
 from show1.stages.interpolation import SEGMENT_FRAMES
 from show1.stages.keyframes import HEIGHT, NUM_KEYFRAMES, WIDTH
-from show1.stages.latent_superres import HEIGHT as SR2_HEIGHT
-from show1.stages.latent_superres import WIDTH as SR2_WIDTH
-from show1.stages.video_superres import UPSCALE, WINDOW
-from show1.text import MAX_TOKENS
-from show1.weights import COMPONENTS
+from show1.stages.sr1 import UPSCALE, WINDOW
+from show1.stages.sr2 import HEIGHT as SR2_HEIGHT
+from show1.stages.sr2 import WIDTH as SR2_WIDTH
+from show1.stages.text import MAX_TOKENS
+
+from .cascade import stage_weight_bytes
+from .random_weights import random_components
 
 GIB = 2**30
 SERVING_DTYPE = torch.float16
@@ -96,20 +94,10 @@ class FlashAttentionStandIn(TorchFunctionMode):
         return out
 
 
-def published_networks_on_meta() -> dict:
-    """{component key: network} of every network at its published size, on the meta device, in
-    its serving dtype."""
-    repos = tiny_repos()
-    configs = network_configs("published", repos)
-    networks = {}
-    for key, component in COMPONENTS.items():
-        if not component.weights_stem:
-            continue
-        class_name = repos[component.repo]["model_index"][component.folder]
-        with torch.device("meta"):
-            network = build_network(class_name, configs[component.repo][component.folder])
-        networks[key] = cast_as_loaded(network, SERVING_DTYPE).eval()
-    return networks
+def published_networks_on_meta():
+    """Every network at its published size, on the meta device, in its serving dtype
+    (show1.components.Components of the networks alone)."""
+    return random_components("published", "meta", SERVING_DTYPE, networks_only=True)
 
 
 # The forward calls each stage makes, at the shapes of the stage code (show1/stages), with the
@@ -117,13 +105,13 @@ def published_networks_on_meta() -> dict:
 # returns a list of calls; a call returns the tensors it produces.
 
 
-def _text_width(networks, key):
-    config = networks[key].config
+def _text_width(text_encoder):
+    config = text_encoder.config
     return getattr(config, "d_model", None) or config.hidden_size
 
 
 def _t5_states(networks, batch):
-    return torch.empty(batch, MAX_TOKENS, _text_width(networks, "text_encoder"), dtype=SERVING_DTYPE)
+    return torch.empty(batch, MAX_TOKENS, _text_width(networks.text.t5), dtype=SERVING_DTYPE)
 
 
 def _timestep():
@@ -134,53 +122,52 @@ def _noise_levels(batch, level):
     return torch.full((batch,), level, dtype=torch.long)
 
 
-def _video_unet_call(networks, key, batch, frames, height, width, text_states, class_labels=None):
-    unet = networks[key]
+def _video_unet_call(unet, batch, frames, height, width, text_states, class_labels=None):
     sample = torch.empty(batch, unet.config.in_channels, frames, height, width, dtype=SERVING_DTYPE)
     return lambda: unet(sample, _timestep(), encoder_hidden_states=text_states, class_labels=class_labels).sample
 
 
 def text_calls(networks):
     ids = torch.ones(1, MAX_TOKENS, dtype=torch.long)
-    t5, clip = networks["text_encoder"], networks["sr2_text_encoder"]
+    t5, clip = networks.text.t5, networks.text.clip
     return [lambda: t5(ids, attention_mask=torch.ones_like(ids)).last_hidden_state, lambda: clip(ids)[0]]
 
 
 def keyframes_calls(networks):
-    return [_video_unet_call(networks, "keyframes_unet", GUIDANCE_BATCH, NUM_KEYFRAMES, HEIGHT, WIDTH,
+    return [_video_unet_call(networks.keyframes.unet, GUIDANCE_BATCH, NUM_KEYFRAMES, HEIGHT, WIDTH,
                              _t5_states(networks, GUIDANCE_BATCH))]
 
 
 def interpolation_calls(networks, segments_per_batch=SEGMENTS):
     batch = GUIDANCE_BATCH * segments_per_batch
-    return [_video_unet_call(networks, "interpolation_unet", batch, SEGMENT_FRAMES, HEIGHT, WIDTH,
+    return [_video_unet_call(networks.interpolation.unet, batch, SEGMENT_FRAMES, HEIGHT, WIDTH,
                              _t5_states(networks, batch))]
 
 
 def first_frame_calls(networks):
-    unet = networks["first_frame_unet"]
+    unet = networks.first_frame.unet
     sample = torch.empty(GUIDANCE_BATCH, unet.config.in_channels, HEIGHT * UPSCALE, WIDTH * UPSCALE, dtype=SERVING_DTYPE)
     states, levels = _t5_states(networks, GUIDANCE_BATCH), _noise_levels(GUIDANCE_BATCH, 150)
     return [lambda: unet(sample, _timestep(), encoder_hidden_states=states, class_labels=levels).sample]
 
 
 def sr1_calls(networks):
-    return [_video_unet_call(networks, "sr1_unet", GUIDANCE_BATCH, WINDOW, HEIGHT * UPSCALE, WIDTH * UPSCALE,
+    return [_video_unet_call(networks.sr1.unet, GUIDANCE_BATCH, WINDOW, HEIGHT * UPSCALE, WIDTH * UPSCALE,
                              _t5_states(networks, GUIDANCE_BATCH), _noise_levels(GUIDANCE_BATCH, 250))]
 
 
 def sr2_calls(networks):
     """The UNet on all 29 frames' latents; the VAE one frame at a time (as the stage encodes and
     decodes)."""
-    vae = networks["sr2_vae"]
+    vae = networks.sr2.vae
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_height, latent_width = SR2_HEIGHT // scale, SR2_WIDTH // scale
-    clip_states = torch.empty(GUIDANCE_BATCH, MAX_TOKENS, _text_width(networks, "sr2_text_encoder"), dtype=SERVING_DTYPE)
+    clip_states = torch.empty(GUIDANCE_BATCH, MAX_TOKENS, _text_width(networks.text.clip), dtype=SERVING_DTYPE)
     frame = torch.empty(1, vae.config.in_channels, SR2_HEIGHT, SR2_WIDTH, dtype=SERVING_DTYPE)
     latent = torch.empty(1, vae.config.latent_channels, latent_height, latent_width, dtype=SERVING_DTYPE)
     return [
         lambda: vae.encode(frame).latent_dist.parameters,
-        _video_unet_call(networks, "sr2_unet", GUIDANCE_BATCH, VIDEO_FRAMES, latent_height, latent_width, clip_states),
+        _video_unet_call(networks.sr2.unet, GUIDANCE_BATCH, VIDEO_FRAMES, latent_height, latent_width, clip_states),
         lambda: vae.decode(latent).sample,
     ]
 
@@ -219,10 +206,9 @@ def activation_peak_bytes(call) -> int:
 def predict_stage(stage, networks, weight_bytes) -> StagePrediction:
     """Runs the stage's forward calls once, its networks moved onto fake tensors (the others are
     only read for their configs)."""
-    keys = STAGE_NETWORKS[stage]
     with FakeTensorMode(allow_non_fake_inputs=True), FlashAttentionStandIn(), torch.no_grad():
-        for key in keys:
-            networks[key].to_empty(device="cpu")
+        for network in networks.networks(stage):
+            network.to_empty(device="cpu")
         peak = max(activation_peak_bytes(call) for call in STAGE_CALLS[stage](networks))
     return StagePrediction(stage, weight_bytes[stage], peak)
 

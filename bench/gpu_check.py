@@ -32,14 +32,15 @@ import torch
 import transformers
 
 from show1 import Show1Pipeline
-from show1.benchmark import PLANS, PROMPT, SIZES, random_components, stage_weight_bytes
-from show1.pipeline import STAGE_NETWORKS
+from show1.components import STAGES
 from show1.settings import OUTPUT_STAGES
 
 from . import fake_memory
 from .attention_census import AttentionCensus
+from .cascade import PLANS, PROMPT, stage_weight_bytes
+from .random_weights import SIZES, random_components
 from .step_clock import StepClock, estimate_video, short_run_settings, synchronize
-from .switches import SWITCHES, STAGE_UNETS, FirstCall, measure_switches
+from .switches import SWITCHES, UNET_STAGES, FirstCall, measure_switches
 from .weights_folder import write_weights_folder
 
 GIB = 2**30
@@ -61,7 +62,7 @@ class FiniteWatch:
         self._flags = defaultdict(list)
         self._hooks = [
             module.register_forward_hook(lambda m, args, out, stage=stage: self._record(stage, out))
-            for stage, keys in STAGE_NETWORKS.items() for key in keys for module in watched_modules(components[key])
+            for stage in STAGES for network in components.networks(stage) for module in watched_modules(network)
         ]
 
     def _record(self, stage, output):
@@ -99,9 +100,8 @@ class CascadeRun:
 
 def place_networks(components, plan, device):
     """Networks where `plan` keeps them between stages."""
-    for component in components.values():
-        if isinstance(component, torch.nn.Module):
-            component.to(PLANS[plan].home(device))
+    for network in components.networks():
+        network.to(PLANS[plan].home(device))
 
 
 def run_cascade(plan, components, device, dtype, settings, checks=False) -> CascadeRun:
@@ -187,7 +187,7 @@ def measure_plans(report, components, device, dtype, steps, warmup, output_stage
     """Timing runs of both plans, then the low-memory run with the checks; each stops after
     `output_stage` (show1.settings.OUTPUT_STAGES)."""
     settings = {**short_run_settings(steps), "output_stage": output_stage}
-    first_calls = {stage: FirstCall(components[key]) for stage, key in STAGE_UNETS.items()}
+    first_calls = {stage: FirstCall(getattr(components, stage).unet) for stage in UNET_STAGES}
     runs = {}
     for name, plan, run_settings, checks in (
         ("warm-up", "optimized", {**short_run_settings(1), "output_stage": output_stage}, False),
@@ -210,7 +210,7 @@ def measure_plans(report, components, device, dtype, steps, warmup, output_stage
     report.peak_low_memory_gib = gib(runs["low-memory"].peak_bytes)
     report.finite = runs["low-memory"].finite
     report.attention = runs["low-memory"].attention
-    image_stages = [stage for stage in STAGE_NETWORKS if stage != "text"]  # the stages held to fused kernels
+    image_stages = [stage for stage in STAGES if stage != "text"]  # the stages held to fused kernels
     report.fused_attention_only = all(
         set(report.attention.get(stage, {})) <= {"flash_attention", "efficient_attention", "cudnn_attention"}
         for stage in image_stages

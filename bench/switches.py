@@ -19,16 +19,12 @@ from typing import Optional
 
 import torch
 
+from show1.components import COMPONENTS
+
 from .step_clock import synchronize
 
-# The UNet each denoising stage calls once per step.
-STAGE_UNETS = {
-    "keyframes": "keyframes_unet",
-    "interpolation": "interpolation_unet",
-    "first_frame": "first_frame_unet",
-    "sr1": "sr1_unet",
-    "sr2": "sr2_unet",
-}
+# The denoising stages: each calls its `unet` once per step.
+UNET_STAGES = tuple(c.stage for c in COMPONENTS if c.name == "unet")
 # Fixed shapes and launch-bound: the stages where a CUDA graph can pay.
 GRAPH_STAGES = ("keyframes", "interpolation", "first_frame")
 # Enough calls for torch.compile to compile, and for reduce-overhead to record and replay its graph.
@@ -135,7 +131,7 @@ def measure_switches(names, components, first_calls, device, repeats, deadline) 
     start after `deadline` (a perf_counter time) are reported as skipped."""
     results = []
     for name in ["eager", *[n for n in names if n != "eager"]]:
-        for stage, key in STAGE_UNETS.items():
+        for stage in UNET_STAGES:
             if not switch_applies(name, stage):
                 continue
             if name in GPU_ONLY and torch.device(device).type != "cuda":
@@ -145,5 +141,5 @@ def measure_switches(names, components, first_calls, device, repeats, deadline) 
             elif time.perf_counter() > deadline:
                 results.append(SwitchResult(name, stage, "skipped: time budget"))
             else:
-                results.append(measure_switch(name, stage, components[key], first_calls[stage], device, repeats))
+                results.append(measure_switch(name, stage, getattr(components, stage).unet, first_calls[stage], device, repeats))
     return results

@@ -1,7 +1,7 @@
-"""Show1Pipeline: a prompt -> Show-1's 29-frame 576x320 video, through five stages.
+"""Show1Pipeline: a prompt -> Show-1's 29-frame 576x320 video, through six stages (show1.components.STAGES).
 
-    text (T5, once) -> keyframes 8x64x40 -> interpolation 29x64x40 -> first frame 256x160
-      -> video super-resolution 1 29x256x160 -> video super-resolution 2 (latent) 29x576x320
+    text (T5 and CLIP, once) -> keyframes 8x64x40 -> interpolation 29x64x40 -> first_frame 256x160
+      -> sr1 (video super-resolution) 29x256x160 -> sr2 (latent video super-resolution) 29x576x320
 """
 
 import time
@@ -14,26 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import fused_attention
+from .components import COMPONENTS, Components
 from .frames import to_uint8_frames
-from .manifest import check_manifest_sizes
-from .loading import component_class, load_diffusers_model, load_scheduler, load_transformers_model
 from .progress import StepLog
 from .settings import Show1Settings
-from .stages import generate_keyframes, interpolate_keyframes, refine_video, upscale_first_frame, upscale_video
-from .stages.video_superres import window_starts
-from .text import encode_clip, encode_t5
-from .weights import COMPONENTS, required_files
-
-# The networks each stage runs, in order. A plan with offloading moves exactly these to the device.
-STAGE_NETWORKS = {
-    "text": ("text_encoder", "sr2_text_encoder"),
-    "keyframes": ("keyframes_unet",),
-    "interpolation": ("interpolation_unet",),
-    "first_frame": ("first_frame_unet",),
-    "sr1": ("sr1_unet",),
-    "sr2": ("sr2_unet", "sr2_vae"),
-}
-STAGE_NAMES = tuple(STAGE_NETWORKS)
+from .stages import first_frame, interpolation, keyframes, sr1, sr2, text
+from .weights.layout import required_files
+from .weights.loading import load_component
+from .weights.manifest import check_manifest_sizes
 
 
 @dataclass(frozen=True)
@@ -61,12 +49,12 @@ REFERENCE_PLAN = ExecutionPlan(offload=True, interpolation_batch=1)
 
 @dataclass
 class Show1Output:
-    """`frames`: uint8 [F, H, W, 3] of the last stage run. The intermediate stages as float
-    tensors in [-1, 1], [1, 3, F, H, W] (None when not run), and seconds per stage."""
+    """`frames`: uint8 [F, H, W, 3] of the last stage run. The earlier stages' outputs, named by
+    stage id, as float tensors in [-1, 1], [1, 3, F, H, W] (None when not run), and seconds per stage."""
 
-    frames: np.ndarray
+    frames: Optional[np.ndarray] = None
     keyframes: Optional[torch.Tensor] = None
-    interpolated: Optional[torch.Tensor] = None
+    interpolation: Optional[torch.Tensor] = None
     first_frame: Optional[torch.Tensor] = None
     sr1: Optional[torch.Tensor] = None
     timings: dict = field(default_factory=dict)
@@ -86,23 +74,8 @@ def check_finite(stage, output):
     return output
 
 
-def load_component(weights_dir, key, device, dtype=None):
-    """One component; a network in `dtype`, or in its serving dtype (show1.weights) when None."""
-    component = COMPONENTS[key]
-    dtype = dtype or component.serving_dtype
-    folder = component.path(weights_dir)
-    cls = component_class(weights_dir, component)
-    if component.folder.endswith("scheduler"):
-        return load_scheduler(cls, folder)
-    if component.folder == "tokenizer":
-        return cls.from_pretrained(folder)
-    if component.weights_stem == "model":
-        return load_transformers_model(cls, folder, dtype, device)
-    return load_diffusers_model(cls, folder, dtype=dtype, device=device)
-
-
 class Show1Pipeline:
-    def __init__(self, components: dict, device, dtype, plan: ExecutionPlan = RESIDENT):
+    def __init__(self, components: Components, device, dtype, plan: ExecutionPlan = RESIDENT):
         self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
@@ -111,14 +84,14 @@ class Show1Pipeline:
 
     @classmethod
     def from_pretrained(cls, weights_dir, device="cpu", dtype=torch.float32, low_memory=False):
-        """Loads every stage from a weights folder laid out as the five Hub repos (see show1.weights).
+        """Loads every stage from a weights folder laid out as the five Hub repos (show1.components).
         dtype: every network's precision, or None for each network's serving dtype (the GPU's).
         low_memory keeps the networks on the CPU between their uses (see ExecutionPlan)."""
         check_manifest_sizes(weights_dir)
         required_files(weights_dir)
         plan = LOW_MEMORY if low_memory else RESIDENT
-        components = {key: load_component(weights_dir, key, plan.home(device), dtype) for key in COMPONENTS}
-        return cls(components, device, dtype, plan)
+        loaded = {component: load_component(weights_dir, component, plan.home(device), dtype) for component in COMPONENTS}
+        return cls(Components(loaded), device, dtype, plan)
 
     def set_progress_bar_config(self, **kwargs):
         """tqdm options for the per-stage progress bars, e.g. disable=True; or log=True for plain
@@ -126,18 +99,18 @@ class Show1Pipeline:
         5 s), which is what a server's logs need."""
         self._progress_config.update(kwargs)
 
-    def _progress(self, desc, windows=1):
-        """The progress wrapper of a stage's steps loop; a stage that runs the loop once per window
-        (sr1) says how many, so that each log line names its window."""
+    def _progress(self, stage, windows=1):
+        """The progress wrapper of a stage's steps loop, labelled with the stage id; a stage that
+        runs the loop once per window (sr1) says how many, so that each log line names its window."""
         config = dict(self._progress_config)
         if config.pop("log", False) and not config.get("disable"):
-            return StepLog(desc, passes=windows, pass_name="window")
-        return lambda steps: tqdm(steps, desc=desc, **config)
+            return StepLog(stage, passes=windows, pass_name="window")
+        return lambda steps: tqdm(steps, desc=stage, **config)
 
     @contextmanager
     def _networks_on_device(self, stage):
         """With offloading, the stage's networks visit the device for the stage only."""
-        networks = [self.components[key] for key in STAGE_NETWORKS[stage]] if self.plan.offload else []
+        networks = self.components.networks(stage) if self.plan.offload else []
         for network in networks:
             network.to(self.device)
         try:
@@ -147,7 +120,9 @@ class Show1Pipeline:
                 network.to("cpu")
 
     @contextmanager
-    def _timed(self, stage, timings, on_stage_end):
+    def _stage(self, stage, timings, on_stage_end):
+        """Runs the block as `stage`: its networks on the device, image stages held to fused
+        attention, timed (the GPU's work included), and on_stage_end told."""
         start = time.perf_counter()
         # The text encoders attend over 77 tokens, where any kernel fits in memory, and T5's
         # position bias is a mask that not every fused kernel takes: only the image stages are held
@@ -169,56 +144,40 @@ class Show1Pipeline:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty: describe the video to generate.")
         s = Show1Settings(**settings)
-        c, timings = self.components, {}
+        result = Show1Output(timings={})
 
-        def stage(name):
-            return self._timed(name, timings, on_stage_end)
+        def run(stage, run_stage, *args, windows=1, **kwargs):
+            """One denoising stage on its own components, its output checked to be finite."""
+            with self._stage(stage, result.timings, on_stage_end):
+                parts = getattr(self.components, stage)
+                output = run_stage(parts, *args, progress=self._progress(stage, windows=windows), **kwargs)
+                return check_finite(stage, output)
 
-        with stage("text"):
-            text = encode_t5(c["tokenizer"], c["text_encoder"], prompt)
-            if s.output_stage == "full":
-                clip_text = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], prompt, s.negative_prompt)
-        with stage("keyframes"):
-            keyframes = check_finite("keyframes", generate_keyframes(
-                c["keyframes_unet"], c["keyframes_scheduler"], text,
-                steps=s.keyframe_steps, guidance=s.keyframe_guidance, seed=s.seed, progress=self._progress("keyframes"),
-            ))
-        result = Show1Output(frames=None, keyframes=keyframes, timings=timings)
-        if s.output_stage == "keyframes":
-            return self._finish(result, keyframes)
+        with self._stage("text", result.timings, on_stage_end):
+            states = text.run(self.components.text, prompt, s.negative_prompt, clip=s.last_stage == "sr2")
 
-        with stage("interpolation"):
-            result.interpolated = check_finite("interpolation", interpolate_keyframes(
-                c["interpolation_unet"], c["interpolation_scheduler"], text, keyframes,
-                steps=s.interpolation_steps, guidance=s.interpolation_guidance, seed=s.seed,
-                segments_per_batch=self.plan.interpolation_batch, progress=self._progress("interpolation"),
-            ))
-        if s.output_stage == "interpolated":
-            return self._finish(result, result.interpolated)
+        result.keyframes = run("keyframes", keyframes.run, states.t5,
+                               steps=s.keyframe_steps, guidance=s.keyframe_guidance, seed=s.seed)
+        if s.last_stage == "keyframes":
+            return self._finish(result, result.keyframes)
 
-        with stage("first_frame"):
-            result.first_frame = check_finite("first_frame", upscale_first_frame(
-                c["first_frame_unet"], c["first_frame_scheduler"], c["first_frame_noising_scheduler"], text,
-                result.interpolated[:, :, :1], steps=s.first_frame_steps, guidance=s.first_frame_guidance,
-                noise_level=s.first_frame_noise_level, seed=s.seed, progress=self._progress("first frame"),
-            ))
-        with stage("sr1"):
-            result.sr1 = check_finite("sr1", upscale_video(
-                c["sr1_unet"], c["sr1_scheduler"], c["sr1_noising_scheduler"], text, result.interpolated,
-                result.first_frame, steps=s.sr1_steps, guidance=s.sr1_guidance, noise_level=s.sr1_noise_level,
-                seed=s.seed, progress=self._progress(
-                    "super-resolution 1", windows=len(window_starts(result.interpolated.shape[2]))
-                ),
-            ))
-        if s.output_stage == "sr1":
+        result.interpolation = run("interpolation", interpolation.run, states.t5, result.keyframes,
+                                   steps=s.interpolation_steps, guidance=s.interpolation_guidance, seed=s.seed,
+                                   segments_per_batch=self.plan.interpolation_batch)
+        if s.last_stage == "interpolation":
+            return self._finish(result, result.interpolation)
+
+        result.first_frame = run("first_frame", first_frame.run, states.t5, result.interpolation[:, :, :1],
+                                 steps=s.first_frame_steps, guidance=s.first_frame_guidance,
+                                 noise_level=s.first_frame_noise_level, seed=s.seed)
+        result.sr1 = run("sr1", sr1.run, states.t5, result.interpolation, result.first_frame,
+                         steps=s.sr1_steps, guidance=s.sr1_guidance, noise_level=s.sr1_noise_level, seed=s.seed,
+                         windows=len(sr1.window_starts(result.interpolation.shape[2])))
+        if s.last_stage == "sr1":
             return self._finish(result, result.sr1)
 
-        with stage("sr2"):
-            video = check_finite("sr2", refine_video(
-                c["sr2_unet"], c["sr2_vae"], c["sr2_scheduler"], clip_text, result.sr1,
-                steps=s.sr2_steps, strength=s.sr2_strength, guidance=s.sr2_guidance, seed=s.seed,
-                progress=self._progress("super-resolution 2"),
-            ))
+        video = run("sr2", sr2.run, states.clip, result.sr1,
+                    steps=s.sr2_steps, strength=s.sr2_strength, guidance=s.sr2_guidance, seed=s.seed)
         return self._finish(result, video)
 
     @staticmethod

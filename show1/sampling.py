@@ -1,4 +1,4 @@
-"""The guided denoising loop shared by every stage, and seeded noise.
+"""The guided denoising loop shared by every stage, and the noise it starts from.
 
 Every stage is the same algorithm: start from noise, and at each timestep run the network on the
 classifier-free guidance batch [unconditional, conditional] with the stage's condition
@@ -7,6 +7,7 @@ frames. The variance half of the output is kept only for schedulers that learned
 """
 
 import torch
+from diffusers import UNet2DConditionModel
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -15,9 +16,18 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def randn(shape, generator, device, dtype):
-    """Normal noise drawn on the CPU in float32, then moved, so that devices and dtypes agree."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+def randn(shape, generator, device):
+    """float32 normal noise drawn on the CPU, then moved, so that every device draws the same."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def initial_noise(scheduler, steps, shape, seed, device):
+    """How a stage starts: a fresh generator seeded with the user's seed, the scheduler set to
+    `steps` steps, and float32 noise of `shape` at the scheduler's initial scale, drawn first.
+    Returns (noise, generator); the stage's later draws continue the same generator."""
+    generator = seeded_generator(seed)
+    scheduler.set_timesteps(steps)
+    return randn(shape, generator, device) * scheduler.init_noise_sigma, generator
 
 
 def frames_to_batch(video):
@@ -29,6 +39,11 @@ def frames_to_batch(video):
 def batch_to_frames(images, num_frames):
     bf, c, h, w = images.shape
     return images.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def guidance_batch(text, batch: int) -> torch.Tensor:
+    """[2*batch, L, D]: `batch` rows of the unconditional text states, then `batch` conditional ones."""
+    return torch.cat([text.uncond.expand(batch, -1, -1), text.cond.expand(batch, -1, -1)])
 
 
 def scheduler_step(scheduler, noise_pred, t, sample, generator):
@@ -44,21 +59,40 @@ def scheduler_step(scheduler, noise_pred, t, sample, generator):
     return batch_to_frames(prev, num_frames)
 
 
+def predict_noise(unet, model_input, t, text_states, class_labels):
+    """The network's output for a video batch [2B, C, F, H, W]. A 2-D image UNet (IF-II) sees a
+    one-frame video as images."""
+    model_input = model_input.to(unet.dtype)
+    if isinstance(unet, UNet2DConditionModel):
+        return unet(model_input[:, :, 0], t, encoder_hidden_states=text_states, class_labels=class_labels).sample[:, :, None]
+    return unet(model_input, t, encoder_hidden_states=text_states, class_labels=class_labels).sample
+
+
 @torch.no_grad()
-def guided_denoise(denoiser, scheduler, sample, timesteps, guidance_scale, condition=None, generator=None, progress=iter):
-    """Runs classifier-free guided sampling on a video; returns the float32 sample.
+def guided_denoise(
+    unet, scheduler, sample, timesteps, guidance_scale, text, *, condition=None, noise_level=None, generator=None,
+    progress=iter,
+):
+    """Runs classifier-free guided sampling on a video batch [B, C, F, H, W]; returns the float32 sample.
 
-    denoiser(model_input, t) -> output, both [2B, C, F, H, W], where model_input is the guidance
-    batch of [sample ++ condition] and the first `sample.shape[1]` output channels are the noise.
+    text: the stage's PromptEmbeddings (unconditional and conditional states). condition: frames
+    concatenated to the sample on channels at every step. noise_level: how much noise the
+    condition carries, for networks that take it as a class label. Each of them is doubled into
+    the guidance batch here, once, before the loop; the first `sample.shape[1]` output channels of
+    the network are the noise.
 
-    The loop works in float32 (see scheduler_step); each denoiser casts its input to its network's
-    dtype. `timesteps` stay on the CPU, where the schedulers index their tables and branch on them:
-    a timestep on the GPU would make each of those steps wait for the GPU. The network gets its
+    The loop works in float32 (see scheduler_step); the network gets its input in its own dtype.
+    `timesteps` stay on the CPU, where the schedulers index their tables and branch on them: a
+    timestep on the GPU would make each of those steps wait for the GPU. The network gets its
     timesteps from one copy of the schedule on the device, made before the loop.
     """
-    channels = sample.shape[1]
+    batch, channels = sample.shape[:2]
     sample = sample.float()
     condition = None if condition is None else condition.float()
+    text_states = guidance_batch(text, batch).to(unet.dtype)
+    class_labels = None
+    if noise_level is not None:
+        class_labels = torch.full((2 * batch,), noise_level, device=sample.device, dtype=torch.long)
     timesteps = timesteps.cpu()
     model_timesteps = timesteps.to(sample.device)
     learned_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
@@ -66,29 +100,10 @@ def guided_denoise(denoiser, scheduler, sample, timesteps, guidance_scale, condi
         t = timesteps[i]
         model_input = sample if condition is None else torch.cat([sample, condition], dim=1)
         model_input = scheduler.scale_model_input(torch.cat([model_input, model_input]), t)
-        uncond, cond = denoiser(model_input, model_timesteps[i]).float().chunk(2)
+        output = predict_noise(unet, model_input, model_timesteps[i], text_states, class_labels)
+        uncond, cond = output.float().chunk(2)
         noise_pred = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
         if learned_variance:
             noise_pred = torch.cat([noise_pred, cond[:, channels:]], dim=1)
         sample = scheduler_step(scheduler, noise_pred, t, sample, generator)
     return sample
-
-
-def unet_denoiser(unet, text_states, class_labels=None):
-    """The denoiser of a Show-1 video UNet with fixed text states (and condition noise level)."""
-    text_states = text_states.to(unet.dtype)
-
-    def denoise(model_input, t):
-        return unet(model_input.to(unet.dtype), t, encoder_hidden_states=text_states, class_labels=class_labels).sample
-
-    return denoise
-
-
-def image_unet_denoiser(unet, text_states, class_labels=None):
-    """The denoiser of a 2-D image UNet used on one-frame videos [B, C, 1, H, W]."""
-    video_denoiser = unet_denoiser(unet, text_states, class_labels)
-
-    def denoise(model_input, t):
-        return video_denoiser(model_input[:, :, 0], t)[:, :, None]
-
-    return denoise

@@ -35,8 +35,9 @@ SETTINGS = {
     "sr2_guidance": Setting(15.0, 1.0, 30.0),
 }
 
-# How far the cascade runs. Each later stage includes the earlier ones.
-OUTPUT_STAGES = ("keyframes", "interpolated", "sr1", "full")
+# How far the cascade runs, as the published API (predict.py's output_stage) names it -> the last
+# stage that runs (show1.components.STAGES). Each later stage includes the earlier ones.
+OUTPUT_STAGES = {"keyframes": "keyframes", "interpolated": "interpolation", "sr1": "sr1", "full": "sr2"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class Show1Settings:
         if not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.output_stage not in OUTPUT_STAGES:
-            raise ValueError(f"output_stage must be one of {OUTPUT_STAGES}, got {self.output_stage!r}")
-        if int(self.sr2_steps * self.sr2_strength) < 1 and self.output_stage == "full":
+            raise ValueError(f"output_stage must be one of {tuple(OUTPUT_STAGES)}, got {self.output_stage!r}")
+        if int(self.sr2_steps * self.sr2_strength) < 1 and self.last_stage == "sr2":
             raise ValueError("sr2_steps * sr2_strength must give at least one denoising step")
+
+    @property
+    def last_stage(self) -> str:
+        """The id of the last stage that runs."""
+        return OUTPUT_STAGES[self.output_stage]

@@ -1,17 +1,17 @@
 """Writing generated frames to a video file: H.264 MP4 for browsers and players, or an animated GIF.
 
 Frames are uint8 RGB arrays shaped [frames, height, width, 3], as the pipeline returns them.
-A file appears at its final path only once it is complete: it is written under a temporary name
-in the same folder and renamed, so an error or a cancellation never leaves a truncated video.
+A file appears at its final path only once it is complete (show1.files.written_atomically), so an
+error or a cancellation never leaves a truncated video.
 """
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+
+from .files import written_atomically
 
 VIDEO_FORMATS = ("mp4", "gif")
 
@@ -62,14 +62,6 @@ def write_video(frames: np.ndarray, path, fps, video_format: str = "mp4") -> Pat
     check_frames(frames)
     check_fps(fps)
     path = Path(path)
-    descriptor, partial_name = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=f".{video_format}")
-    os.close(descriptor)
-    partial = Path(partial_name)
-    try:
+    with written_atomically(path) as partial:
         ENCODERS[video_format](np.ascontiguousarray(frames), partial, fps)
-        os.replace(partial, path)
-    except BaseException:
-        # BaseException: a cancellation must not leave the partial file behind either.
-        partial.unlink(missing_ok=True)
-        raise
     return path

@@ -44,7 +44,7 @@ def tiny_pipeline(tiny_weights):
 @pytest.fixture(scope="session")
 def reference_text():
     """The reference's T5 states for the fixture prompt (inputs of the pixel stages)."""
-    from show1.text import PromptEmbeddings
+    from show1.stages.text import PromptEmbeddings
 
     t5 = expected("t5")
     return PromptEmbeddings(torch.from_numpy(t5["negative_prompt_embeds"]), torch.from_numpy(t5["prompt_embeds"]))

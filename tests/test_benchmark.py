@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.cascade import stage_weight_bytes
+from bench.random_weights import random_components
 from show1 import Show1Pipeline
-from show1.benchmark import random_components, stage_weight_bytes
-from show1.pipeline import LOW_MEMORY, RESIDENT, STAGE_NETWORKS
-from show1.weights import COMPONENTS
+from show1.components import COMPONENTS, STAGES
+from show1.pipeline import LOW_MEMORY, RESIDENT
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "benchmark"
@@ -69,18 +70,19 @@ def test_random_components_are_the_networks_the_pipeline_loads(tiny_pipeline):
     """The benchmark builds the tiny networks with exactly the tensors of those loaded from the tiny
     checkpoints, and every scheduler and tokenizer the pipeline uses."""
     built = random_components("tiny", "cpu", torch.float32)
-    assert set(built) == set(COMPONENTS)
-    for key, component in COMPONENTS.items():
+    assert list(built.loaded) == list(COMPONENTS)
+    for component in COMPONENTS:
+        key = component.key
         loaded = tiny_pipeline.components[key]
         assert type(built[key]) is type(loaded), key
-        if component.weights_stem:
+        if component.is_network:
             shapes = {name: tuple(t.shape) for name, t in built[key].state_dict().items()}
             assert shapes == {name: tuple(t.shape) for name, t in loaded.state_dict().items()}, key
-        elif "scheduler" in key:
+        elif component.kind.name == "scheduler":
             assert dict(built[key].config) == dict(loaded.config), key
     per_stage = stage_weight_bytes(built)
-    assert set(per_stage) == set(STAGE_NETWORKS)
-    assert per_stage["keyframes"] == sum(p.numel() * 4 for p in built["keyframes_unet"].parameters())
+    assert list(per_stage) == list(STAGES)
+    assert per_stage["keyframes"] == sum(p.numel() * 4 for p in built.keyframes.unet.parameters())
 
 
 def test_low_memory_plan_moves_each_stage_networks_to_the_device_only_for_that_stage(tiny_weights, monkeypatch):
@@ -89,7 +91,8 @@ def test_low_memory_plan_moves_each_stage_networks_to_the_device_only_for_that_s
     pipe.set_progress_bar_config(disable=True)
     assert pipe.plan == LOW_MEMORY
     events = []
-    for key in {key for keys in STAGE_NETWORKS.values() for key in keys}:
+    networks = {c.key: c for c in COMPONENTS if c.is_network}
+    for key in networks:
         network = pipe.components[key]
         monkeypatch.setattr(network, "to", lambda device, key=key, move=network.to: (events.append((key, str(device))), move(device))[1])
 
@@ -97,7 +100,8 @@ def test_low_memory_plan_moves_each_stage_networks_to_the_device_only_for_that_s
     result = pipe("a fox", on_stage_end=lambda stage, seconds: events.append(("end", stage)), **settings)
 
     expected_events = []
-    for stage, keys in STAGE_NETWORKS.items():
+    for stage in STAGES:
+        keys = [key for key, c in networks.items() if c.stage == stage]
         expected_events += [(key, "cpu:0") for key in keys] + [(key, "cpu") for key in keys] + [("end", stage)]
     assert events == expected_events
     assert result.frames.shape == (29, 320, 576, 3)
@@ -107,6 +111,6 @@ def test_resident_plan_moves_nothing(tiny_weights, monkeypatch):
     pipe = Show1Pipeline.from_pretrained(tiny_weights, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.plan == RESIDENT
-    for key in STAGE_NETWORKS["keyframes"] + STAGE_NETWORKS["text"]:
-        monkeypatch.setattr(pipe.components[key], "to", lambda *args: pytest.fail("a network was moved"))
+    for network in pipe.components.networks("keyframes") + pipe.components.networks("text"):
+        monkeypatch.setattr(network, "to", lambda *args: pytest.fail("a network was moved"))
     pipe("a fox", keyframe_steps=1, output_stage="keyframes")

@@ -10,15 +10,14 @@ check), is printed but not limited here.
 """
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-import show1.stages.keyframes as keyframes_module
-import show1.stages.latent_superres as latent_superres_module
 from device_trace import VirtualDevice
-from show1.stages import generate_keyframes, interpolate_keyframes, refine_video, upscale_first_frame, upscale_video
-from show1.text import PromptEmbeddings, encode_clip
+from show1.stages import first_frame, interpolation, keyframes, sr1, sr2
+from show1.stages.text import PromptEmbeddings, encode_clip
 
 STEPS = 3
 
@@ -40,56 +39,51 @@ def video_on_device(device, *shape):
     return device.place(torch.rand(*shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
 
 
+def parts_on_device(device, parts):
+    """A stage's components with its networks on the device and fresh copies of its schedulers."""
+    return SimpleNamespace(**{
+        name: device.place(part) if isinstance(part, torch.nn.Module) else copy.deepcopy(part)
+        for name, part in vars(parts).items()
+    })
+
+
 # Where a stage waits does not depend on the sizes it works at: small ones keep the test fast.
 
 
 def run_keyframes(device, c, text, monkeypatch):
-    monkeypatch.setattr(keyframes_module, "NUM_KEYFRAMES", 2)
-    monkeypatch.setattr(keyframes_module, "HEIGHT", 16)
-    monkeypatch.setattr(keyframes_module, "WIDTH", 16)
-    return generate_keyframes(
-        device.place(c["keyframes_unet"]), copy.deepcopy(c["keyframes_scheduler"]), on_device(device, text),
-        steps=STEPS, guidance=9.0, seed=0, progress=device.progress,
-    )
+    monkeypatch.setattr(keyframes, "NUM_KEYFRAMES", 2)
+    monkeypatch.setattr(keyframes, "HEIGHT", 16)
+    monkeypatch.setattr(keyframes, "WIDTH", 16)
+    return keyframes.run(parts_on_device(device, c.keyframes), on_device(device, text),
+                         steps=STEPS, guidance=9.0, seed=0, progress=device.progress)
 
 
 def run_interpolation(device, c, text, monkeypatch):
-    keyframes = video_on_device(device, 1, 3, 2, 16, 16)  # one segment
-    return interpolate_keyframes(
-        device.place(c["interpolation_unet"]), copy.deepcopy(c["interpolation_scheduler"]), on_device(device, text),
-        keyframes, steps=STEPS, guidance=4.0, seed=0, progress=device.progress,
-    )
+    video = video_on_device(device, 1, 3, 2, 16, 16)  # one segment
+    return interpolation.run(parts_on_device(device, c.interpolation), on_device(device, text), video,
+                             steps=STEPS, guidance=4.0, seed=0, progress=device.progress)
 
 
 def run_first_frame(device, c, text, monkeypatch):
     frame = video_on_device(device, 1, 3, 1, 8, 8)
-    return upscale_first_frame(
-        device.place(c["first_frame_unet"]), copy.deepcopy(c["first_frame_scheduler"]),
-        copy.deepcopy(c["first_frame_noising_scheduler"]), on_device(device, text), frame,
-        steps=STEPS, guidance=4.0, noise_level=150, seed=0, progress=device.progress,
-    )
+    return first_frame.run(parts_on_device(device, c.first_frame), on_device(device, text), frame,
+                           steps=STEPS, guidance=4.0, noise_level=150, seed=0, progress=device.progress)
 
 
 def run_sr1(device, c, text, monkeypatch):
     video = video_on_device(device, 1, 3, 8, 8, 8)  # 8 frames: one window
-    first_frame = video_on_device(device, 1, 3, 1, 32, 32)
-    return upscale_video(
-        device.place(c["sr1_unet"]), copy.deepcopy(c["sr1_scheduler"]), copy.deepcopy(c["sr1_noising_scheduler"]),
-        on_device(device, text), video, first_frame, steps=STEPS, guidance=7.0, noise_level=250, seed=0,
-        progress=device.progress,
-    )
+    anchor = video_on_device(device, 1, 3, 1, 32, 32)
+    return sr1.run(parts_on_device(device, c.sr1), on_device(device, text), video, anchor,
+                   steps=STEPS, guidance=7.0, noise_level=250, seed=0, progress=device.progress)
 
 
 def run_sr2(device, c, _, monkeypatch):
-    monkeypatch.setattr(latent_superres_module, "HEIGHT", 64)
-    monkeypatch.setattr(latent_superres_module, "WIDTH", 64)
-    text = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], "a panda", "blur")
+    monkeypatch.setattr(sr2, "HEIGHT", 64)
+    monkeypatch.setattr(sr2, "WIDTH", 64)
+    text = encode_clip(c.text.clip_tokenizer, c.text.clip, "a panda", "blur")
     video = video_on_device(device, 1, 3, 1, 32, 32)  # one frame
-    device.place(c["sr2_vae"])
-    return refine_video(
-        device.place(c["sr2_unet"]), c["sr2_vae"], copy.deepcopy(c["sr2_scheduler"]), on_device(device, text),
-        video, steps=STEPS + 1, strength=0.75, guidance=15.0, seed=0, progress=device.progress,
-    )
+    return sr2.run(parts_on_device(device, c.sr2), on_device(device, text), video,
+                   steps=STEPS + 1, strength=0.75, guidance=15.0, seed=0, progress=device.progress)
 
 
 STAGES = {
@@ -167,7 +161,7 @@ def test_the_virtual_device_records_each_wait_and_copy_where_it_happens():
 def test_the_trace_catches_a_ddpm_step_on_device_timesteps(tiny_pipeline):
     """What the first-frame stage did before its schedule stayed on the CPU: DDPM indexes its CPU
     tables with the timestep and branches on it, so a device timestep costs a wait each time."""
-    scheduler = copy.deepcopy(tiny_pipeline.components["first_frame_scheduler"])
+    scheduler = copy.deepcopy(tiny_pipeline.components.first_frame.scheduler)
     device = VirtualDevice()
     with torch.no_grad(), device:
         scheduler.set_timesteps(STEPS, device="cuda")

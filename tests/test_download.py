@@ -20,24 +20,16 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import show1.download as download
-from show1.download import (
-    PUBLISHED,
-    SERVING,
-    ConversionError,
-    DownloadError,
-    HubSource,
-    LocalSource,
-    SourceFile,
-    convert_checkpoint,
-    convert_index,
-    download_weights,
-    safetensors_name,
-    select_repo_files,
-)
-from show1.loading import serving_dtype_rule, tensor_dtype_rule
-from show1.manifest import manifest_precision, read_manifest, verify_main, verify_manifest
-from show1.weights import COMPONENTS, required_files
+import show1.weights.conversion as conversion
+import show1.weights.download as download
+import show1.weights.sources as sources
+from show1.components import NETWORKS, component
+from show1.weights.conversion import PUBLISHED, SERVING, ConversionError, convert_checkpoint, convert_index
+from show1.weights.download import download_weights, select_repo_files
+from show1.weights.layout import required_files, safetensors_name
+from show1.weights.loading import serving_dtype_rule, tensor_dtype_rule
+from show1.weights.manifest import manifest_precision, read_manifest, verify_main, verify_manifest
+from show1.weights.sources import DownloadError, HubSource, LocalSource, SourceFile
 
 from conftest import REFERENCE_WEIGHTS
 
@@ -102,7 +94,7 @@ CONVERTED_PICKLES = {
 
 # The network each converted file belongs to, for its serving dtypes.
 NETWORK_OF = {
-    converted: next(key for key, c in COMPONENTS.items() if converted.startswith(f"{c.repo}/{c.folder}/") and c.weights_stem)
+    converted: next(c.key for c in NETWORKS if converted.startswith(f"{c.repo}/{c.folder}/"))
     for converted in CONVERTED_PICKLES.values()
 }
 T5_SHARDS = [p for p in CONVERTED_PICKLES.values() if p.startswith("show-1-base/text_encoder/")]
@@ -141,7 +133,7 @@ def load_pickle(path) -> dict:
 
 def serving_dtype_of(converted_name):
     """The per-tensor serving dtype rule of the network a converted file belongs to."""
-    return serving_dtype_rule(REFERENCE_WEIGHTS, COMPONENTS[NETWORK_OF[converted_name]])
+    return serving_dtype_rule(REFERENCE_WEIGHTS, component(NETWORK_OF[converted_name]))
 
 
 def cast_by(state_dict, dtype_of) -> dict:
@@ -206,7 +198,7 @@ def test_download_takes_only_the_files_the_cascade_reads(downloaded):
 
 def test_download_leaves_no_pickles_and_no_partial_files(downloaded):
     names = relative_files(downloaded[0])
-    assert not [n for n in names if n.endswith(".bin") or ".bin." in n or n.endswith(".partial")]
+    assert not [n for n in names if n.endswith(".bin") or ".bin." in n or ".partial" in n]
 
 
 def test_download_leaves_the_mirror_untouched(mirror):
@@ -416,15 +408,15 @@ def test_pipeline_loads_the_converted_folder_and_runs(downloaded):
 
     converted = Show1Pipeline.from_pretrained(downloaded[0], device="cpu", dtype=torch.float32)
     original = Show1Pipeline.from_pretrained(REFERENCE_WEIGHTS, device="cpu", dtype=torch.float32)
-    networks = [key for key, c in converted.components.items() if isinstance(c, torch.nn.Module)]
-    assert len(networks) == 8
+    networks = [network.key for network in NETWORKS]
+    assert len(converted.components.networks()) == len(networks) == 8
     for key in networks:
         ours, theirs = converted.components[key].state_dict(), original.components[key].state_dict()
         assert ours.keys() == theirs.keys(), key
         assert {t.dtype for t in ours.values() if t.is_floating_point()} == {torch.float32}, key
         # The published weights, rounded to their serving dtypes (a no-op for every network
         # published in float16, which is all of them but T5).
-        dtype_of = serving_dtype_rule(REFERENCE_WEIGHTS, COMPONENTS[key])
+        dtype_of = serving_dtype_rule(REFERENCE_WEIGHTS, component(key))
         assert all(torch.equal(ours[name], theirs[name].to(dtype_of(name, theirs[name].dtype)).to(ours[name].dtype))
                    for name in ours), key
     converted.set_progress_bar_config(disable=True)
@@ -436,10 +428,11 @@ def test_pipeline_loads_the_serving_dtypes_as_stored_without_warnings(downloaded
     from show1 import Show1Pipeline
 
     pipe = Show1Pipeline.from_pretrained(downloaded[0], device="cpu", dtype=torch.float16)
-    t5 = pipe.components["text_encoder"]
+    t5 = pipe.components.text.t5
     assert {n for n, p in t5.named_parameters() if p.dtype == torch.float32} == {n for n, _ in t5.named_parameters() if ".wo." in n}
-    for key in ("keyframes_unet", "interpolation_unet", "first_frame_unet", "sr1_unet", "sr2_unet", "sr2_vae", "sr2_text_encoder"):
-        assert {p.dtype for p in pipe.components[key].parameters()} == {torch.float16}, key
+    for network in NETWORKS:
+        if network.key != "text.t5":
+            assert {p.dtype for p in pipe.components[network.key].parameters()} == {torch.float16}, network.key
     # Nothing is cast after loading, so the libraries have nothing to warn about: the only output
     # is transformers' progress bar.
     assert [str(w.message) for w in recwarn] == []
@@ -531,8 +524,8 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(monkeypatch):
     hub = FakeHub()
-    monkeypatch.setattr(download, "hub_list_files", hub.list_files)
-    monkeypatch.setattr(download, "hub_download_file", hub.download_file)
+    monkeypatch.setattr(sources, "hub_list_files", hub.list_files)
+    monkeypatch.setattr(sources, "hub_download_file", hub.download_file)
     return hub
 
 
@@ -570,7 +563,7 @@ def gated_hub(fake_hub, monkeypatch):
             raise refused(GatedRepoError, 403) if token else refused(RepositoryNotFoundError, 401)
         return FakeHub.list_files(fake_hub, repo_id, token)
 
-    monkeypatch.setattr(download, "hub_list_files", list_files)
+    monkeypatch.setattr(sources, "hub_list_files", list_files)
     return fake_hub
 
 
@@ -601,7 +594,7 @@ def test_a_rejected_token_is_reported_as_such(fake_hub, tmp_path, monkeypatch):
     def list_files(repo_id, token):
         raise refused(RepositoryNotFoundError, 401)
 
-    monkeypatch.setattr(download, "hub_list_files", list_files)
+    monkeypatch.setattr(sources, "hub_list_files", list_files)
     with pytest.raises(DownloadError, match="The Hub refused the token in HF_TOKEN for showlab/show-1-base: it is invalid"):
         download_weights(tmp_path, HubSource(token="hf_expired"), out=lambda line: None)
 
@@ -722,7 +715,7 @@ def test_failed_conversion_keeps_the_pickle_and_leaves_no_half_file(tmp_path, mo
     def differs(*args):
         raise ConversionError("tensor w changed")
 
-    monkeypatch.setattr(download, "_check_converted", differs)
+    monkeypatch.setattr(conversion, "_check_converted", differs)
     with pytest.raises(ConversionError):
         convert_checkpoint(pickle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diffusion_pytorch_model.bin"]
@@ -758,13 +751,13 @@ def test_dockerignore_keeps_the_weights_and_drops_caches_and_test_artefacts():
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert not [p for p in patterns if p.startswith("!")]
     for kept in ("weights/manifest.json", "weights/show-1-base/unet/diffusion_pytorch_model.safetensors",
-                 "show1/download.py", "predict.py", "script/download-weights", "requirements.txt"):
+                 "show1/weights/download.py", "show1/components.py", "predict.py", "script/download-weights", "requirements.txt"):
         assert not dockerignored(kept, patterns), kept
     for dropped in ("weights/show-1-sr2/.cache/huggingface/download/unet/x.incomplete",
-                    "weights/show-1-base/unet/diffusion_pytorch_model.safetensors.partial",
-                    ".venv/bin/python", "show1/__pycache__/download.cpython-311.pyc", ".git/HEAD",
+                    "weights/show-1-base/unet/.partial-0a1b2c3d-diffusion_pytorch_model.safetensors",
+                    ".venv/bin/python", "show1/weights/__pycache__/download.cpython-311.pyc", ".git/HEAD",
                     "tests/fixtures/reference/weights/show-1-base/model_index.json", "outputs/video.mp4",
-                    ".pytest_cache/README.md"):
+                    ".pytest_cache/README.md", "bench/random_weights.py", "bench/configs/tiny.json"):
         assert dockerignored(dropped, patterns), dropped
 
 

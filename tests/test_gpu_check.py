@@ -14,7 +14,7 @@ from bench.fake_memory import FlashAttentionStandIn, LiveStorageBytes
 from bench.gpu_check import FiniteWatch, parse_args
 from bench.step_clock import StageSteps, default_steps_per_loop, estimate_video, short_run_settings
 from bench.switches import FirstCall, measure_switch
-from show1.pipeline import STAGE_NETWORKS
+from show1.components import NETWORKS, Components
 from show1.settings import Show1Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,12 +73,12 @@ def test_short_runs_take_the_same_number_of_steps_in_every_stage(steps):
 
 
 def test_the_finite_watch_names_the_stage_whose_network_produced_nan():
-    components = {key: torch.nn.Identity() for keys in STAGE_NETWORKS.values() for key in keys}
+    components = Components({network: torch.nn.Identity() for network in NETWORKS})
     watch = FiniteWatch(components)
-    components["keyframes_unet"](torch.ones(3))
-    components["sr1_unet"](torch.tensor([1.0, float("nan")]))
+    components.keyframes.unet(torch.ones(3))
+    components.sr1.unet(torch.tensor([1.0, float("nan")]))
     assert watch.finite() == {"keyframes": True, "sr1": False}
-    components["sr1_unet"](torch.tensor(float("inf")))  # hooks are removed once read
+    components.sr1.unet(torch.tensor(float("inf")))  # hooks are removed once read
     assert watch.finite() == {"keyframes": True, "sr1": False}
 
 

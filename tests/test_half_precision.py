@@ -8,13 +8,13 @@ numbers printed here (-s) are the ones README 'Fidelity' quotes.
 import pytest
 import torch
 
-import show1.stages.keyframes as keyframes_module
-import show1.stages.latent_superres as latent_module
 from conftest import REFERENCE_WEIGHTS, expected
 from show1 import Show1Pipeline
-from show1.pipeline import NonFiniteOutputError, check_finite, load_component
-from show1.stages import generate_keyframes, interpolate_keyframes, refine_video, upscale_first_frame, upscale_video
-from show1.text import encode_clip, encode_t5
+from show1.components import NETWORKS, component
+from show1.pipeline import NonFiniteOutputError, check_finite
+from show1.stages import first_frame, interpolation, keyframes, sr1, sr2
+from show1.stages.text import encode_clip, encode_t5
+from show1.weights.loading import load_component
 from test_unet import load_unet
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -31,8 +31,8 @@ def half_pipeline(request):
 
 @pytest.fixture(scope="module")
 def half_text(half_pipeline):
-    c = half_pipeline.components
-    return encode_t5(c["tokenizer"], c["text_encoder"], PROMPT)
+    c = half_pipeline.components.text
+    return encode_t5(c.t5_tokenizer, c.t5, PROMPT)
 
 
 def low_resolution_video(frames):
@@ -49,9 +49,10 @@ def assert_finite_float32(output, shape):
 
 def test_every_network_is_loaded_in_its_planned_dtype(half_pipeline):
     dtype, c = half_pipeline.dtype, half_pipeline.components
-    for key in ("keyframes_unet", "interpolation_unet", "first_frame_unet", "sr1_unet", "sr2_unet", "sr2_vae", "sr2_text_encoder"):
-        assert {p.dtype for p in c[key].parameters()} == {dtype}, key
-    t5_dtypes = {name: p.dtype for name, p in c["text_encoder"].named_parameters()}
+    for network in NETWORKS:
+        if network.key != "text.t5":
+            assert {p.dtype for p in c[network.key].parameters()} == {dtype}, network.key
+    t5_dtypes = {name: p.dtype for name, p in c.text.t5.named_parameters()}
     # T5's feed-forward output projections stay float32 in float16 (their activations overflow it).
     wo_dtype = torch.float32 if dtype == torch.float16 else dtype
     assert {d for name, d in t5_dtypes.items() if ".wo." in name} == {wo_dtype}
@@ -59,26 +60,23 @@ def test_every_network_is_loaded_in_its_planned_dtype(half_pipeline):
 
 
 def test_keyframes_in_half_precision(half_pipeline, half_text, monkeypatch):
-    monkeypatch.setattr(keyframes_module, "HEIGHT", CROP)
-    monkeypatch.setattr(keyframes_module, "WIDTH", CROP)
-    c = half_pipeline.components
-    output = generate_keyframes(c["keyframes_unet"], c["keyframes_scheduler"], half_text, steps=2, guidance=9.0, seed=0)
+    monkeypatch.setattr(keyframes, "HEIGHT", CROP)
+    monkeypatch.setattr(keyframes, "WIDTH", CROP)
+    output = keyframes.run(half_pipeline.components.keyframes, half_text, steps=2, guidance=9.0, seed=0)
     assert_finite_float32(output, (1, 3, 8, CROP, CROP))
 
 
 def test_interpolation_in_half_precision(half_pipeline, half_text):
-    c = half_pipeline.components
-    output = interpolate_keyframes(
-        c["interpolation_unet"], c["interpolation_scheduler"], half_text, low_resolution_video(8), steps=1, guidance=4.0, seed=0
+    output = interpolation.run(
+        half_pipeline.components.interpolation, half_text, low_resolution_video(8), steps=1, guidance=4.0, seed=0
     )
     assert_finite_float32(output, (1, 3, 29, CROP, CROP))
 
 
 def test_first_frame_in_half_precision(half_pipeline, half_text):
-    c = half_pipeline.components
-    output = upscale_first_frame(
-        c["first_frame_unet"], c["first_frame_scheduler"], c["first_frame_noising_scheduler"], half_text,
-        low_resolution_video(1), steps=2, guidance=4.0, noise_level=150, seed=0,
+    output = first_frame.run(
+        half_pipeline.components.first_frame, half_text, low_resolution_video(1), steps=2, guidance=4.0,
+        noise_level=150, seed=0,
     )
     assert_finite_float32(output, (1, 3, 1, 4 * CROP, 4 * CROP))
 
@@ -86,23 +84,21 @@ def test_first_frame_in_half_precision(half_pipeline, half_text):
 def test_sr1_window_in_half_precision(half_pipeline, half_text):
     """One window, 16x16 -> 64x64, 2 steps: the case whose float16 DPM-Solver step gave all NaN
     (x0 overflowed at t=999 before the thresholding) when the scheduler stepped in float16."""
-    c = half_pipeline.components
-    first_frame = torch.zeros(1, 3, 1, 4 * CROP, 4 * CROP)
-    output = upscale_video(
-        c["sr1_unet"], c["sr1_scheduler"], c["sr1_noising_scheduler"], half_text, low_resolution_video(8),
-        first_frame, steps=2, guidance=7.0, noise_level=250, seed=0,
+    anchor = torch.zeros(1, 3, 1, 4 * CROP, 4 * CROP)
+    output = sr1.run(
+        half_pipeline.components.sr1, half_text, low_resolution_video(8), anchor, steps=2, guidance=7.0,
+        noise_level=250, seed=0,
     )
     assert_finite_float32(output, (1, 3, 8, 4 * CROP, 4 * CROP))
 
 
-def test_latent_superres_in_half_precision(half_pipeline, monkeypatch):
-    monkeypatch.setattr(latent_module, "HEIGHT", 64)
-    monkeypatch.setattr(latent_module, "WIDTH", 64)
+def test_sr2_in_half_precision(half_pipeline, monkeypatch):
+    monkeypatch.setattr(sr2, "HEIGHT", 64)
+    monkeypatch.setattr(sr2, "WIDTH", 64)
     c = half_pipeline.components
-    clip_text = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], PROMPT, "low resolution, blur")
+    clip_text = encode_clip(c.text.clip_tokenizer, c.text.clip, PROMPT, "low resolution, blur")
     video = low_resolution_video(2)
-    output = refine_video(c["sr2_unet"], c["sr2_vae"], c["sr2_scheduler"], clip_text, video, steps=2, strength=1.0,
-                          guidance=15.0, seed=0)
+    output = sr2.run(c.sr2, clip_text, video, steps=2, strength=1.0, guidance=15.0, seed=0)
     assert_finite_float32(output, (1, 3, 2, 64, 64))
 
 
@@ -142,12 +138,10 @@ def test_unet_in_half_precision_stays_near_float32(name):
 
 
 def text_states(dtype):
-    c = {
-        key: load_component(REFERENCE_WEIGHTS, key, "cpu", dtype)
-        for key in ("tokenizer", "text_encoder", "sr2_tokenizer", "sr2_text_encoder")
-    }
-    t5 = encode_t5(c["tokenizer"], c["text_encoder"], PROMPT)
-    clip = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], PROMPT, "low resolution, blur")
+    c = {key: load_component(REFERENCE_WEIGHTS, component(f"text.{key}"), "cpu", dtype)
+         for key in ("t5", "t5_tokenizer", "clip", "clip_tokenizer")}
+    t5 = encode_t5(c["t5_tokenizer"], c["t5"], PROMPT)
+    clip = encode_clip(c["clip_tokenizer"], c["clip"], PROMPT, "low resolution, blur")
     return {"t5": t5.cond.float(), "clip": clip.cond.float()}
 
 
@@ -176,7 +170,7 @@ def test_a_non_finite_stage_output_raises_naming_the_stage():
 
 
 def test_the_pipeline_stops_at_the_first_stage_with_nan(tiny_pipeline, monkeypatch):
-    unet = tiny_pipeline.components["interpolation_unet"]
+    unet = tiny_pipeline.components.interpolation.unet
     original_forward = unet.forward
 
     def nan_forward(*args, **kwargs):

@@ -9,9 +9,10 @@ from safetensors.torch import save_file
 
 from conftest import REFERENCE_WEIGHTS
 from show1 import Show1Pipeline
-from show1.loading import CheckpointMismatchError, load_diffusers_model, read_state_dict
+from show1.components import COMPONENTS
 from show1.models import UNet3DConditionModel
-from show1.weights import WeightsError
+from show1.weights.layout import WeightsError
+from show1.weights.loading import CheckpointMismatchError, load_diffusers_model, read_state_dict, stored_float_dtype
 
 UNET = REFERENCE_WEIGHTS / "show-1-interpolation" / "unet"
 
@@ -28,8 +29,12 @@ def original_state():
     return torch.load(UNET / "diffusion_pytorch_model.bin", weights_only=True)
 
 
+def load(folder, dtype=None):
+    return load_diffusers_model(UNet3DConditionModel, folder, dtype=dtype)
+
+
 def assert_loads_original(folder, dtype=torch.float32):
-    unet = UNet3DConditionModel.from_pretrained(folder, torch_dtype=dtype)
+    unet = load(folder, dtype)
     for key, tensor in original_state().items():
         assert torch.equal(unet.state_dict()[key], tensor.to(dtype)), key
 
@@ -44,7 +49,7 @@ def test_safetensors_and_fp16_variant(unet_folder):
     save_file({k: v.float() for k, v in state.items()}, unet_folder / "diffusion_pytorch_model.safetensors")
     save_file(state, unet_folder / "diffusion_pytorch_model.fp16.safetensors")
     # The fp16 variant is preferred; loading it gives the stored dtype unless one is asked for.
-    assert UNet3DConditionModel.from_pretrained(unet_folder).dtype == torch.float16
+    assert load(unet_folder).dtype == torch.float16
     assert_loads_original(unet_folder)
 
 
@@ -105,7 +110,19 @@ def test_mismatched_checkpoint_names_the_key(unet_folder, change):
         state[key] = state[key][:, :1]
     torch.save(state, unet_folder / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")):
-        UNet3DConditionModel.from_pretrained(unet_folder)
+        load(unet_folder)
+
+
+@pytest.mark.parametrize("file_format", ["safetensors", "bin"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_stored_dtype_is_read_without_reading_the_tensors(unet_folder, file_format, dtype, monkeypatch):
+    """dtype=None loads a checkpoint as stored; finding that dtype reads no tensor data (the
+    safetensors header, the pickle's memory map), so every byte is still read once."""
+    state = {"step": torch.tensor(3), **{k: v.to(dtype) for k, v in original_state().items()}}
+    path = unet_folder / f"diffusion_pytorch_model.{file_format}"
+    save_file(state, path) if file_format == "safetensors" else torch.save(state, path)
+    monkeypatch.setattr("show1.weights.loading.read_state_dict", lambda *a, **k: pytest.fail("tensors were read"))
+    assert stored_float_dtype([path]) == dtype
 
 
 class NotATensor:
@@ -154,7 +171,9 @@ def test_unknown_class_in_model_index_is_refused(weights_copy):
 
 def test_loads_only_what_the_cascade_uses(tiny_weights):
     pipe = Show1Pipeline.from_pretrained(tiny_weights)
-    t5_encoders = [c for c in pipe.components.values() if type(c).__name__ == "T5EncoderModel"]
+    loaded = pipe.components.loaded
+    assert list(loaded) == list(COMPONENTS)
+    t5_encoders = [c for c in loaded.values() if type(c).__name__ == "T5EncoderModel"]
     assert len(t5_encoders) == 1
-    assert not any(c.training for c in pipe.components.values() if isinstance(c, torch.nn.Module))
-    assert "feature_extractor" not in pipe.components and "safety_checker" not in pipe.components
+    assert not any(network.training for network in pipe.components.networks())
+    assert not [c for c in COMPONENTS if c.folder in ("feature_extractor", "safety_checker", "watermarker")]

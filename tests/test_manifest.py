@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE_WEIGHTS
-from show1 import manifest
-from show1.manifest import check_manifest_sizes, read_manifest, verify_manifest, write_manifest, written_atomically
-from show1.weights import WeightsError, required_files
+from show1.files import written_atomically
+from show1.weights import manifest
+from show1.weights.layout import WeightsError, required_files
+from show1.weights.manifest import check_manifest_sizes, read_manifest, verify_manifest, write_manifest
 
 VERIFY_SCRIPT = Path(__file__).resolve().parent.parent / "script" / "verify-weights"
 

@@ -6,9 +6,9 @@ import torch
 
 from conftest import FAST, expected
 from show1 import Show1Pipeline
-from show1.pipeline import STAGE_NAMES
-from show1.stages import generate_keyframes, upscale_first_frame
-from show1.text import encode_t5
+from show1.components import STAGES
+from show1.stages import first_frame, keyframes
+from show1.stages.text import encode_t5
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,14 @@ def reference_chain(tiny_pipeline, reference_settings):
 
 def test_chain_shapes_and_stages(reference_chain):
     output, finished = reference_chain
-    assert finished == list(STAGE_NAMES)
-    assert set(output.timings) == set(STAGE_NAMES)
+    assert finished == list(STAGES)
+    assert set(output.timings) == set(STAGES)
     assert output.frames.shape == (29, 320, 576, 3) and output.frames.dtype == np.uint8
     assert output.keyframes.shape == (1, 3, 8, 40, 64)
-    assert output.interpolated.shape == (1, 3, 29, 40, 64)
+    assert output.interpolation.shape == (1, 3, 29, 40, 64)
     assert output.first_frame.shape == (1, 3, 1, 160, 256)
     assert output.sr1.shape == (1, 3, 29, 160, 256)
-    for video in (output.keyframes, output.interpolated, output.first_frame, output.sr1):
+    for video in (output.keyframes, output.interpolation, output.first_frame, output.sr1):
         assert video.abs().max() < 1.6  # dynamic thresholding keeps pixel stages near [-1, 1]
 
 
@@ -42,13 +42,13 @@ def test_chain_stages_hand_over_to_each_other(reference_chain, tiny_pipeline, re
     """Each stage of the chain received the previous stage's output and the T5 states computed once."""
     output, _ = reference_chain
     c, s = tiny_pipeline.components, reference_settings
-    text = encode_t5(c["tokenizer"], c["text_encoder"], s["prompt"])
-    keyframes = generate_keyframes(c["keyframes_unet"], c["keyframes_scheduler"], text, seed=s["seed"],
-                                   steps=s["steps"]["keyframes"], guidance=s["guidance"]["keyframes"])
-    assert torch.equal(keyframes, output.keyframes)
-    first = upscale_first_frame(c["first_frame_unet"], c["first_frame_scheduler"], c["first_frame_noising_scheduler"],
-                                text, output.interpolated[:, :, :1], seed=s["seed"], steps=s["steps"]["first_frame"],
-                                guidance=s["guidance"]["first_frame"], noise_level=s["noise_level"]["first_frame"])
+    text = encode_t5(c.text.t5_tokenizer, c.text.t5, s["prompt"])
+    video = keyframes.run(c.keyframes, text, seed=s["seed"], steps=s["steps"]["keyframes"],
+                          guidance=s["guidance"]["keyframes"])
+    assert torch.equal(video, output.keyframes)
+    first = first_frame.run(c.first_frame, text, output.interpolation[:, :, :1], seed=s["seed"],
+                            steps=s["steps"]["first_frame"], guidance=s["guidance"]["first_frame"],
+                            noise_level=s["noise_level"]["first_frame"])
     assert torch.equal(first, output.first_frame)
     # Window 0 of super-resolution 1 is anchored on the first frame.
     assert (output.sr1[:, :, 0] - output.first_frame[:, :, 0]).abs().mean() < (output.sr1[:, :, 1] - output.first_frame[:, :, 0]).abs().mean()

@@ -119,10 +119,9 @@ def test_half_precision_on_a_gpu_full_precision_on_the_cpu(monkeypatch):
 
 
 def test_the_serving_precision_is_float16_for_every_network():
-    from show1.weights import COMPONENTS
+    from show1.components import NETWORKS
 
-    networks = {key: c.serving_dtype for key, c in COMPONENTS.items() if c.weights_stem}
-    assert len(networks) == 8 and set(networks.values()) == {torch.float16}
+    assert len(NETWORKS) == 8 and {network.serving_dtype for network in NETWORKS} == {torch.float16}
 
 
 def test_low_memory_mode_on_small_gpus_or_when_asked(monkeypatch):

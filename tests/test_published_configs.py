@@ -1,25 +1,22 @@
-"""show1/configs/published.json: the full-size configs of every network of the cascade.
+"""bench/configs/published.json: the full-size configs of every network of the cascade.
 
 Everything runs on the meta device: no weights are allocated and nothing is downloaded.
 The configs must build with the class each repo's model_index.json names, keep exactly the keys
-of the tiny configs (show1/configs/tiny.json, which were made by shrinking the published files),
+of the tiny configs (bench/configs/tiny.json, which were made by shrinking the published files),
 and give the parameter counts of the published checkpoints.
 """
 
 import json
-from pathlib import Path
 
-import diffusers
 import pytest
 import torch
-import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
-from show1.models import UNet3DConditionModel
+from bench.random_weights import CONFIGS, folder_class, published_configs, random_network, tiny_repos
+from show1.components import NETWORKS as COMPONENT_NETWORKS
 
-CONFIGS = Path(__file__).resolve().parent.parent / "show1" / "configs"
-PUBLISHED = json.loads((CONFIGS / "published.json").read_text(encoding="utf-8"))
-TINY = json.loads((CONFIGS / "tiny.json").read_text(encoding="utf-8"))["repos"]
+PUBLISHED = published_configs()
+TINY = tiny_repos()
 
 NETWORKS = [(repo, folder) for repo, folders in PUBLISHED.items() for folder in folders]
 
@@ -60,20 +57,9 @@ EXACT_PARAMETERS = {
 
 
 def build(repo, folder):
-    """One network from its published config, on the meta device, with its published class."""
-    config = PUBLISHED[repo][folder]
-    with torch.device("meta"):
-        if folder == "unet" and repo == "IF-II-L-v1.0":
-            model = diffusers.UNet2DConditionModel.from_config(config)
-        elif folder == "unet":
-            model = UNet3DConditionModel.from_config(config)
-        elif folder == "vae":
-            model = diffusers.AutoencoderKL.from_config(config)
-        elif repo == "show-1-base":
-            model = transformers.T5EncoderModel(transformers.T5Config.from_dict(config))
-        else:
-            model = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
-    return model.eval()
+    """One network from its published config, on the meta device, with the class its repo's
+    model_index.json names (float32: the parameter counts and FLOPs do not depend on the dtype)."""
+    return random_network(folder_class(TINY, repo, folder), PUBLISHED[repo][folder], "meta", torch.float32, None)
 
 
 def parameters(model):
@@ -86,7 +72,7 @@ def models():
 
 
 def test_every_network_of_the_cascade_is_there():
-    assert set(NETWORKS) == set(EXPECTED_PARAMETERS)
+    assert set(NETWORKS) == set(EXPECTED_PARAMETERS) == {(c.repo, c.folder) for c in COMPONENT_NETWORKS}
     networks_in_tiny = {
         (repo, folder) for repo, tiny in TINY.items() for folder in tiny["folders"]
         if folder in ("unet", "vae", "text_encoder")

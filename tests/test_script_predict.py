@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from conftest import REFERENCE_WEIGHTS as TINY_WEIGHTS
+from show1.components import Components
 from show1.pipeline import Show1Pipeline
 from show1.progress import StepLog
 from test_video import decode_mp4
@@ -93,7 +94,7 @@ def test_a_prediction_on_the_tiny_weights_writes_the_asked_video_and_cleans_up(t
     assert all(total == 12 for _, total in keyframe_steps)
     # sr1 names its windows.
     for window in range(1, 5):
-        assert progress_lines(out, f"super-resolution 1 window {window}/4") == [(1, 1)]
+        assert progress_lines(out, f"sr1 window {window}/4") == [(1, 1)]
     assert_nothing_left(tmp_path)
 
 
@@ -181,24 +182,24 @@ def test_a_few_steps_get_a_line_each_and_none_are_lost():
 
 def test_repeated_loops_are_numbered_as_windows():
     lines = []
-    progress = StepLog("super-resolution 1", passes=4, pass_name="window", clock=FakeClock(0.001), write=lines.append)
+    progress = StepLog("sr1", passes=4, pass_name="window", clock=FakeClock(0.001), write=lines.append)
     for _ in range(4):
         list(progress(range(20)))
     labels = [PROGRESS_LINE.fullmatch(line)["label"] for line in lines]
-    assert labels == [f"super-resolution 1 window {window}/4" for window in range(1, 5) for _ in range(10)]
+    assert labels == [f"sr1 window {window}/4" for window in range(1, 5) for _ in range(10)]
 
 
 def test_the_pipeline_logs_lines_instead_of_bars_when_asked(capsys):
-    pipe = Show1Pipeline({}, device="cpu", dtype=torch.float32)
+    pipe = Show1Pipeline(Components({}), device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(log=True)
     list(pipe._progress("interpolation")(torch.arange(20)))
     assert progress_lines(capsys.readouterr().out, "interpolation") == [(done, 20) for done in range(2, 21, 2)]
 
-    sr1 = pipe._progress("super-resolution 1", windows=4)
+    sr1 = pipe._progress("sr1", windows=4)
     for _ in range(4):
         list(sr1(range(3)))
     output = capsys.readouterr().out
-    assert [progress_lines(output, f"super-resolution 1 window {window}/4") for window in range(1, 5)] == [
+    assert [progress_lines(output, f"sr1 window {window}/4") for window in range(1, 5)] == [
         [(1, 3), (2, 3), (3, 3)]
     ] * 4
 

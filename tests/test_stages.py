@@ -15,25 +15,24 @@ import numpy as np
 import pytest
 import torch
 
-import show1.stages.first_frame as first_frame_module
-import show1.stages.interpolation as interpolation_module
-import show1.stages.keyframes as keyframes_module
+import show1.sampling as sampling
 from conftest import expected
 from show1.frames import from_uint8_frames, resize_frames, to_uint8_frames
 from show1.sampling import randn, seeded_generator
-from show1.stages import generate_keyframes, interpolate_keyframes, refine_video, upscale_first_frame
-from show1.stages.latent_superres import HEIGHT, WIDTH, initial_latents, partial_timesteps
-from show1.stages.video_superres import window_starts
-from show1.text import encode_clip
+from show1.stages import first_frame, interpolation, keyframes, sr2
+from show1.stages.sr1 import window_starts
+from show1.stages.sr2 import HEIGHT, WIDTH, initial_latents, partial_timesteps
+from show1.stages.text import encode_clip
 
 ONE_ULP = 1 + 2**-23
 
 
-def run_with_noise_nudged(monkeypatch, module, run):
-    """Runs a stage with every random draw scaled by one float32 ulp."""
-    original = module.randn
+def run_with_noise_nudged(monkeypatch, run):
+    """Runs a stage with the noise it starts from (show1.sampling.initial_noise) scaled by one
+    float32 ulp."""
+    original = sampling.randn
     with monkeypatch.context() as patch:
-        patch.setattr(module, "randn", lambda *args: original(*args) * ONE_ULP)
+        patch.setattr(sampling, "randn", lambda *args: original(*args) * ONE_ULP)
         return run()
 
 
@@ -49,33 +48,30 @@ def assert_matches_reference(name, output, reference, nudged):
 
 def test_noise_draws_match_reference(reference_settings):
     seed = reference_settings["seed"]
-    keyframe_noise = randn((1, 3, 8, 40, 64), seeded_generator(seed), "cpu", torch.float32)
+    keyframe_noise = randn((1, 3, 8, 40, 64), seeded_generator(seed), "cpu")
     assert torch.equal(keyframe_noise, torch.from_numpy(expected("keyframes")["initial_noise"]))
-    segment_noise = randn((1, 3, 5, 40, 64), seeded_generator(seed), "cpu", torch.float32)
+    segment_noise = randn((1, 3, 5, 40, 64), seeded_generator(seed), "cpu")
     assert torch.equal(segment_noise, torch.from_numpy(expected("interpolated")["init_noise"]))
 
 
 def test_keyframes(tiny_pipeline, reference_text, reference_settings, monkeypatch):
-    c = tiny_pipeline.components
-
     def run():
-        return generate_keyframes(
-            c["keyframes_unet"], c["keyframes_scheduler"], reference_text, seed=reference_settings["seed"],
+        return keyframes.run(
+            tiny_pipeline.components.keyframes, reference_text, seed=reference_settings["seed"],
             steps=reference_settings["steps"]["keyframes"], guidance=reference_settings["guidance"]["keyframes"],
         )
 
     output = run()
     assert_matches_reference("keyframes", output, expected("keyframes")["frames"],
-                             run_with_noise_nudged(monkeypatch, keyframes_module, run))
+                             run_with_noise_nudged(monkeypatch, run))
 
 
 def test_interpolation(tiny_pipeline, reference_text, reference_settings, monkeypatch):
-    c = tiny_pipeline.components
-    keyframes = torch.from_numpy(expected("keyframes")["frames"])
+    video = torch.from_numpy(expected("keyframes")["frames"])
 
     def run():
-        return interpolate_keyframes(
-            c["interpolation_unet"], c["interpolation_scheduler"], reference_text, keyframes,
+        return interpolation.run(
+            tiny_pipeline.components.interpolation, reference_text, video,
             seed=reference_settings["seed"], steps=reference_settings["steps"]["interpolation"],
             guidance=reference_settings["guidance"]["interpolation"],
         )
@@ -83,17 +79,16 @@ def test_interpolation(tiny_pipeline, reference_text, reference_settings, monkey
     output = run()
     reference = expected("interpolated")
     assert_matches_reference("interpolation", output, reference["frames"],
-                             run_with_noise_nudged(monkeypatch, interpolation_module, run))
+                             run_with_noise_nudged(monkeypatch, run))
 
 
 def test_interpolating_segment_by_segment_equals_one_batch(tiny_pipeline, reference_text):
     """The reference's plan (one UNet call per segment) and the batched plan compute the same video."""
-    c = tiny_pipeline.components
-    keyframes = torch.from_numpy(expected("keyframes")["frames"])
+    video = torch.from_numpy(expected("keyframes")["frames"])
 
     def run(segments_per_batch):
-        return interpolate_keyframes(
-            c["interpolation_unet"], c["interpolation_scheduler"], reference_text, keyframes,
+        return interpolation.run(
+            tiny_pipeline.components.interpolation, reference_text, video,
             seed=3, steps=2, guidance=4.0, segments_per_batch=segments_per_batch,
         )
 
@@ -108,7 +103,7 @@ def test_interpolating_segment_by_segment_equals_one_batch(tiny_pipeline, refere
 
 def test_segments_are_placed_with_later_segments_overwriting_shared_frames():
     segments = torch.arange(7.0).reshape(7, 1, 1, 1, 1).expand(7, 3, 5, 2, 2)
-    video = interpolation_module.place_segments(segments)
+    video = interpolation.place_segments(segments)
     frame_values = video[0, 0, :, 0, 0].tolist()
     assert len(frame_values) == 29
     assert frame_values == [0.0] * 4 + [float(i) for i in range(1, 7) for _ in range(4)] + [6.0]
@@ -116,30 +111,28 @@ def test_segments_are_placed_with_later_segments_overwriting_shared_frames():
 
 def test_segment_condition_blends_the_two_keyframes_and_marks_the_ends():
     keyframes = torch.stack([torch.full((3, 2, 2), float(k)) for k in range(8)], dim=1)[None]
-    condition = interpolation_module.segment_conditions(keyframes)
+    condition = interpolation.segment_conditions(keyframes)
     assert condition.shape == (7, 4, 5, 2, 2)
     assert condition[2, 0, :, 0, 0].tolist() == [2.0, 2.25, 2.5, 2.75, 3.0]
     assert condition[:, 3, :, 0, 0].tolist() == [[1.0, 0.0, 0.0, 0.0, 1.0]] * 7
 
 
 def test_first_frame(tiny_pipeline, reference_text, reference_settings, monkeypatch):
-    c = tiny_pipeline.components
     frame = torch.from_numpy(expected("interpolated")["frames"][:, :, :1])
 
     def run():
-        return upscale_first_frame(
-            c["first_frame_unet"], c["first_frame_scheduler"], c["first_frame_noising_scheduler"], reference_text,
-            frame, seed=reference_settings["seed"], steps=reference_settings["steps"]["first_frame"],
+        return first_frame.run(
+            tiny_pipeline.components.first_frame, reference_text, frame, seed=reference_settings["seed"], steps=reference_settings["steps"]["first_frame"],
             guidance=reference_settings["guidance"]["first_frame"],
             noise_level=reference_settings["noise_level"]["first_frame"],
         )
 
     output = run()
     assert_matches_reference("first_frame", output, expected("first_frame")["frames"],
-                             run_with_noise_nudged(monkeypatch, first_frame_module, run))
+                             run_with_noise_nudged(monkeypatch, run))
 
 
-def test_video_superres_windows(reference_settings):
+def test_sr1_windows(reference_settings):
     assert window_starts(29) == list(expected("sr1")["window_starts"]) == [0, 7, 14, 21]
 
 
@@ -153,27 +146,27 @@ def test_sr1_frames_convert_to_the_reference_uint8(reference_settings):
 @pytest.fixture(scope="module")
 def latent_stage_inputs(tiny_pipeline, reference_settings):
     c = tiny_pipeline.components
-    text = encode_clip(c["sr2_tokenizer"], c["sr2_text_encoder"], reference_settings["prompt"],
+    text = encode_clip(c.text.clip_tokenizer, c.text.clip, reference_settings["prompt"],
                        reference_settings["negative_prompt"])
-    return c, text, torch.from_numpy(expected("sr1")["frames"]).float()
+    return c.sr2, text, torch.from_numpy(expected("sr1")["frames"]).float()
 
 
-def test_latent_superres_initial_latents(latent_stage_inputs, reference_settings):
-    c, _, sr1 = latent_stage_inputs
-    timesteps = partial_timesteps(c["sr2_scheduler"], reference_settings["steps"]["sr2"],
+def test_sr2_initial_latents(latent_stage_inputs, reference_settings):
+    parts, _, sr1 = latent_stage_inputs
+    timesteps = partial_timesteps(parts.scheduler, reference_settings["steps"]["sr2"],
                                   reference_settings["sr2_strength"])
     assert timesteps.tolist() == reference_settings["timesteps"]["sr2"]
     pixels = from_uint8_frames(resize_frames(to_uint8_frames(sr1), WIDTH, HEIGHT))
-    latents = initial_latents(c["sr2_vae"], c["sr2_scheduler"], pixels, timesteps,
+    latents = initial_latents(parts.vae, parts.scheduler, pixels, timesteps,
                               seeded_generator(reference_settings["seed"]))
     reference = torch.from_numpy(expected("sr2")["latents_initial"])
     assert (latents - reference).abs().max() <= 1e-3
 
 
-def test_latent_superres(latent_stage_inputs, reference_settings):
-    c, text, sr1 = latent_stage_inputs
-    video = refine_video(
-        c["sr2_unet"], c["sr2_vae"], c["sr2_scheduler"], text, sr1, seed=reference_settings["seed"],
+def test_sr2(latent_stage_inputs, reference_settings):
+    parts, text, sr1 = latent_stage_inputs
+    video = sr2.run(
+        parts, text, sr1, seed=reference_settings["seed"],
         steps=reference_settings["steps"]["sr2"], strength=reference_settings["sr2_strength"],
         guidance=reference_settings["guidance"]["sr2"],
     )

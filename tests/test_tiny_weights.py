@@ -12,18 +12,21 @@ import pytest
 import torch
 import transformers
 
+from bench.random_weights import tiny_repos
 from show1 import Show1Pipeline
-from show1.download import LocalSource, download_weights
-from show1.loading import read_state_dict, serving_dtype_rule
-from show1.manifest import verify_manifest
+from show1.components import COMPONENTS, DIFFUSERS_MODEL, NETWORKS, TRANSFORMERS_MODEL, component
 from show1.models import UNet3DConditionModel
-from show1.weights import COMPONENTS, required_files, resolve_weight_files
+from show1.weights.download import download_weights
+from show1.weights.layout import component_dir, required_files, resolve_weight_files
+from show1.weights.loading import read_state_dict, serving_dtype_rule
+from show1.weights.manifest import verify_manifest
+from show1.weights.sources import LocalSource
 
 from conftest import REFERENCE_WEIGHTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "make-tiny-weights"
-CONFIGS = json.loads((ROOT / "show1" / "configs" / "tiny.json").read_text(encoding="utf-8"))["repos"]
+CONFIGS = tiny_repos()
 
 # Three runs: seed 0 twice to check reproducibility, seed 1 in the other format.
 RUNS = {
@@ -34,7 +37,7 @@ RUNS = {
 FORMATS = {"seed0": "bin", "seed1_safetensors": "safetensors"}
 
 SHOW1_UNET_REPOS = ("show-1-base", "show-1-interpolation", "show-1-sr1", "show-1-sr2")
-NETWORKS = [key for key, component in COMPONENTS.items() if component.weights_stem]
+NETWORK_KEYS = [network.key for network in NETWORKS]
 PROMPT = "A burning lamborghini driving on rainbow."
 MAX_TOKENS = 77
 
@@ -55,13 +58,13 @@ def runs(tmp_path_factory):
     return {name: root / name for name in RUNS}
 
 
-def component_dir(weights_dir, key):
-    return COMPONENTS[key].path(weights_dir)
+def folder_of(weights_dir, key):
+    return component_dir(weights_dir, component(key))
 
 
 def network_state(weights_dir, key):
     """The tensors of one network as the engine resolves and reads them."""
-    return read_state_dict(resolve_weight_files(component_dir(weights_dir, key), COMPONENTS[key].weights_stem))
+    return read_state_dict(resolve_weight_files(folder_of(weights_dir, key), component(key).kind))
 
 
 def files_by_hash(weights_dir):
@@ -100,7 +103,7 @@ def test_configs_and_tokenizer_files_equal_the_reference_fixture(runs):
 @pytest.mark.parametrize("repo", SHOW1_UNET_REPOS)
 def test_show1_unets_have_exactly_the_tensors_of_their_config(runs, run, repo):
     folder = runs[run] / repo / "unet"
-    state = read_state_dict(resolve_weight_files(folder, "diffusion_pytorch_model"))
+    state = read_state_dict(resolve_weight_files(folder, DIFFUSERS_MODEL))
     config = json.loads((folder / "config.json").read_text())
     fresh = UNet3DConditionModel.from_config(config).state_dict()
     assert state.keys() == fresh.keys()
@@ -143,11 +146,11 @@ def test_text_encoders_load_strictly_in_their_stored_dtype(runs, run, folder, cl
 
 def test_t5_is_sharded_in_two_files(runs):
     for run, file_format in FORMATS.items():
-        files = resolve_weight_files(component_dir(runs[run], "text_encoder"), "model")
+        files = resolve_weight_files(folder_of(runs[run], "text.t5"), TRANSFORMERS_MODEL)
         assert [path.suffix for path in files] == [".json", f".{file_format}", f".{file_format}"]
 
 
-@pytest.mark.parametrize("key", NETWORKS)
+@pytest.mark.parametrize("key", NETWORK_KEYS)
 def test_every_parameter_is_random_and_exact_in_float16(runs, key):
     for name, tensor in network_state(runs["seed0"], key).items():
         # No tensor left at a constant default (zero output convs, unit norms).
@@ -155,7 +158,7 @@ def test_every_parameter_is_random_and_exact_in_float16(runs, key):
         assert torch.equal(tensor.float(), tensor.half().float()), name
 
 
-@pytest.mark.parametrize("key", NETWORKS)
+@pytest.mark.parametrize("key", NETWORK_KEYS)
 def test_a_different_seed_gives_different_weights(runs, key):
     first, second = network_state(runs["seed0"], key), network_state(runs["seed1_safetensors"], key)
     assert first.keys() == second.keys()
@@ -169,7 +172,7 @@ def test_the_same_seed_gives_identical_files(runs):
 
 @pytest.mark.parametrize("run", FORMATS)
 def test_if2_float16_variant_equals_the_float32_file(runs, run):
-    folder = component_dir(runs[run], "first_frame_unet")
+    folder = folder_of(runs[run], "first_frame.unet")
     full = read_state_dict([path for path in folder.iterdir() if path.stem == "diffusion_pytorch_model"])
     half = read_state_dict([folder / "diffusion_pytorch_model.fp16.safetensors"])
     assert full.keys() == half.keys()
@@ -184,7 +187,7 @@ def encode(tokenizer, text):
 
 @pytest.mark.parametrize("cls", [transformers.T5Tokenizer, transformers.AutoTokenizer])
 def test_t5_tokenizer_loads_and_pads_to_77(runs, cls):
-    tokenizer = cls.from_pretrained(component_dir(runs["seed0"], "tokenizer"))
+    tokenizer = cls.from_pretrained(folder_of(runs["seed0"], "text.t5_tokenizer"))
     spec = CONFIGS["show-1-base"]["folders"]["tokenizer"]
     assert len(tokenizer) == spec["pieces"] + spec["tokenizer_config"]["extra_ids"]
     ids = encode(tokenizer, PROMPT.lower())
@@ -198,7 +201,7 @@ def test_t5_tokenizer_loads_and_pads_to_77(runs, cls):
 
 @pytest.mark.parametrize("cls", [transformers.CLIPTokenizer, transformers.AutoTokenizer])
 def test_clip_tokenizer_loads_and_pads_to_77(runs, cls):
-    tokenizer = cls.from_pretrained(component_dir(runs["seed0"], "sr2_tokenizer"))
+    tokenizer = cls.from_pretrained(folder_of(runs["seed0"], "text.clip_tokenizer"))
     vocab_size = folder_config("show-1-sr2", "text_encoder")["vocab_size"]
     assert len(tokenizer) == vocab_size
     ids = encode(tokenizer, PROMPT)
@@ -221,14 +224,14 @@ def test_download_weights_stores_generated_weights_in_their_serving_dtypes(runs,
     mirror, weights_dir = runs["seed1_safetensors"], tmp_path / "weights"
     download_weights(weights_dir, LocalSource(mirror), out=lambda line: None)
     verify_manifest(weights_dir)
-    for key in NETWORKS:
+    for key in NETWORK_KEYS:
         published, stored = network_state(mirror, key), network_state(weights_dir, key)
-        dtype_of = serving_dtype_rule(weights_dir, COMPONENTS[key])
+        dtype_of = serving_dtype_rule(weights_dir, component(key))
         assert published.keys() == stored.keys(), key
         for name, tensor in published.items():
             assert stored[name].dtype == dtype_of(name, tensor.dtype), name
             assert torch.equal(stored[name], tensor.to(stored[name].dtype)), name
-    t5 = network_state(weights_dir, "text_encoder")
+    t5 = network_state(weights_dir, "text.t5")
     assert {n for n, t in t5.items() if t.dtype == torch.float32} == {n for n in t5 if ".wo." in n} != set()
     pipe = Show1Pipeline.from_pretrained(weights_dir, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -238,7 +241,7 @@ def test_download_weights_stores_generated_weights_in_their_serving_dtypes(runs,
 
 def test_the_pipeline_loads_the_other_format(runs):
     pipe = Show1Pipeline.from_pretrained(runs["seed1_safetensors"], device="cpu", dtype=torch.float32)
-    assert pipe.components.keys() == COMPONENTS.keys()
+    assert list(pipe.components.loaded) == list(COMPONENTS)
 
 
 def test_the_pipeline_runs_on_generated_weights(runs):

@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from conftest import EXPECTED, REFERENCE_WEIGHTS, expected
-from show1.loading import load_diffusers_model
+from show1.weights.loading import load_diffusers_model
 from show1.models import UNet3DConditionModel
 
 UNETS = {
@@ -79,9 +79,14 @@ def test_the_bound_catches_a_wrong_head_split_or_scale_factor(mistake):
     assert error > 100 * bound
 
 
-def test_public_api_returns_video_shaped_sample():
+def test_diffusers_from_pretrained_loads_the_same_network_and_returns_a_video_shaped_sample():
+    """The class is a diffusers ModelMixin: diffusers' own from_pretrained loads a published folder
+    into the tensors the project's strict loader reads."""
     unet = UNet3DConditionModel.from_pretrained(REFERENCE_WEIGHTS / "show-1-base" / "unet", torch_dtype=torch.float32)
     assert not unet.training
+    strict = load_unet("base").state_dict()
+    assert unet.state_dict().keys() == strict.keys()
+    assert all(torch.equal(t, strict[name]) for name, t in unet.state_dict().items())
     sample = torch.randn(1, 3, 2, 16, 24)
     out = unet(sample, 10, encoder_hidden_states=torch.randn(1, 77, 64)).sample
     assert out.shape == (1, 6, 2, 16, 24)

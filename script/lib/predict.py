@@ -32,7 +32,7 @@ SETUP_TIMEOUT_SECONDS = 1800
 # Enough for the full default cascade on a slow GPU; a CPU with tiny weights needs far less.
 PREDICTION_TIMEOUT_SECONDS = 6 * 3600
 STOP_TIMEOUT_SECONDS = 30
-# The stages in the order they run (show1.pipeline.STAGE_NAMES, not imported: it would load torch).
+# The stages in the order they run (show1.components.STAGES, not imported: it would load torch).
 STAGE_ORDER = ("text", "keyframes", "interpolation", "first_frame", "sr1", "sr2")
 
 TINY_NOTE = (

@@ -218,14 +218,6 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin):
             block_out_channels[0], out_channels, kernel_size=conv_out_kernel, padding=(conv_out_kernel - 1) // 2
         )
 
-    @classmethod
-    def from_pretrained(cls, unet_folder, torch_dtype=None, device="cpu"):
-        """Loads a published Show-1 `unet/` folder (.bin, sharded, .safetensors or fp16 variant)
-        with strict key matching."""
-        from ..loading import load_diffusers_model
-
-        return load_diffusers_model(cls, unet_folder, dtype=torch_dtype, device=device)
-
     def embed_conditions(self, timestep, class_labels, encoder_hidden_states, batch, dtype):
         """One embedding vector per video: time (+ class) (+ pooled raw text), [B, D]."""
         timesteps = torch.as_tensor(timestep, device=encoder_hidden_states.device)

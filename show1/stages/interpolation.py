@@ -1,4 +1,4 @@
-"""Stage 2: 8 keyframes -> 29 frames, three new frames between each pair of keyframes.
+"""Stage `interpolation`: 8 keyframes -> 29 frames, three new frames between each pair of keyframes.
 
 Each of the 7 segments denoises 5 frames whose ends are two neighbouring keyframes. The condition
 is the linear blend of the two keyframes over the 5 frames plus a mask marking the ends. All
@@ -8,7 +8,7 @@ segments start from the same noise and depend only on the keyframes, so they run
 import torch
 import torch.nn.functional as F
 
-from ..sampling import guided_denoise, randn, seeded_generator, unet_denoiser
+from ..sampling import guided_denoise, initial_noise
 
 SEGMENT_FRAMES = 5  # keyframe, 3 new frames, keyframe
 
@@ -32,22 +32,23 @@ def place_segments(segments):
     return video
 
 
-def interpolate_keyframes(
-    unet, scheduler, text, keyframes, *, steps, guidance, seed, segments_per_batch=None, progress=iter
-) -> torch.Tensor:
-    """[1, 3, 8, 40, 64] -> float32 [1, 3, 29, 40, 64]. The segments are denoised `segments_per_batch` at a
-    time (default: all at once); the result does not depend on it."""
+def run(parts, text, keyframes, *, steps, guidance, seed, segments_per_batch=None, progress=iter) -> torch.Tensor:
+    """parts: the stage's components (unet, scheduler). keyframes [1, 3, 8, 40, 64] -> float32
+    [1, 3, 29, 40, 64]. The segments are denoised `segments_per_batch` at a time (default: all at
+    once); the result does not depend on it."""
+    unet, scheduler = parts.unet, parts.scheduler
     keyframes = keyframes.to(device=unet.device, dtype=torch.float32)
     conditions = segment_conditions(keyframes)
     noise_shape = (1, keyframes.shape[1], SEGMENT_FRAMES, *keyframes.shape[3:])
-    init_noise = randn(noise_shape, seeded_generator(seed), unet.device, torch.float32)
+    noise, _ = initial_noise(scheduler, steps, noise_shape, seed, unet.device)
 
     def denoise(condition):
         count = condition.shape[0]
-        scheduler.set_timesteps(steps)
-        denoiser = unet_denoiser(unet, text.guidance_batch(count))
-        sample = init_noise.expand(count, -1, -1, -1, -1).contiguous()
-        return guided_denoise(denoiser, scheduler, sample, scheduler.timesteps, guidance, condition, progress=progress)
+        scheduler.set_timesteps(steps)  # every batch walks the whole schedule from its start
+        sample = noise.expand(count, -1, -1, -1, -1).contiguous()
+        return guided_denoise(
+            unet, scheduler, sample, scheduler.timesteps, guidance, text, condition=condition, progress=progress
+        )
 
     batches = conditions.split(segments_per_batch or conditions.shape[0])
     return place_segments(torch.cat([denoise(condition) for condition in batches]))

@@ -1,4 +1,4 @@
-"""Stage 4: video super-resolution 2, 256x160 -> 576x320 in the latent space of a VAE.
+"""Stage `sr2`: video super-resolution 2, 256x160 -> 576x320 in the latent space of a VAE.
 
 The frames are resized to the target size, encoded, noised part of the way (`strength`) and
 denoised by the sr2 UNet with CLIP text guidance, then decoded. This is the video-to-video
@@ -9,7 +9,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..frames import from_uint8_frames, resize_frames, to_uint8_frames
-from ..sampling import batch_to_frames, frames_to_batch, guided_denoise, randn, seeded_generator, unet_denoiser
+from ..sampling import batch_to_frames, frames_to_batch, guided_denoise, randn, seeded_generator
 
 HEIGHT, WIDTH = 320, 576
 
@@ -45,17 +45,18 @@ def initial_latents(vae, scheduler, pixels, timesteps, generator):
     """Frames [1, 3, F, H, W] in [-1, 1] -> their float32 latents noised to the first kept timestep."""
     latents = encode_frames(vae, pixels.to(vae.dtype), generator).float()
     flat = frames_to_batch(latents)
-    noise = randn(flat.shape, generator, flat.device, torch.float32)
+    noise = randn(flat.shape, generator, flat.device)
     noised = scheduler.add_noise(flat, noise, timesteps[:1].repeat(flat.shape[0]))
     return batch_to_frames(noised, latents.shape[2])
 
 
-def refine_video(unet, vae, scheduler, text, video, *, steps, strength, guidance, seed, progress=iter) -> torch.Tensor:
-    """video [1, 3, F, 160, 256] -> [1, 3, F, 320, 576] float32 in about [-1, 1]."""
+def run(parts, text, video, *, steps, strength, guidance, seed, progress=iter) -> torch.Tensor:
+    """parts: the stage's components (unet, vae, scheduler); text: the CLIP states.
+    video [1, 3, F, 160, 256] -> [1, 3, F, 320, 576] float32 in about [-1, 1]."""
+    unet, vae, scheduler = parts.unet, parts.vae, parts.scheduler
     frames = resize_frames(to_uint8_frames(video), WIDTH, HEIGHT)
     generator = seeded_generator(seed)
     timesteps = partial_timesteps(scheduler, steps, strength)
     latents = initial_latents(vae, scheduler, from_uint8_frames(frames).to(unet.device), timesteps, generator)
-    denoiser = unet_denoiser(unet, text.guidance_batch(1))
-    latents = guided_denoise(denoiser, scheduler, latents, timesteps, guidance, generator=generator, progress=progress)
+    latents = guided_denoise(unet, scheduler, latents, timesteps, guidance, text, generator=generator, progress=progress)
     return decode_latents(vae, latents.to(vae.dtype))

@@ -1,5 +1,5 @@
 """The weights manifest: path, size and sha256 of every file the cascade reads, the dtypes of the
-tensors in each checkpoint, and the precision the folder was stored in (see show1.download).
+tensors in each checkpoint, and the precision the folder was stored in (see show1.weights.download).
 
 `script/download-weights` writes DIR/manifest.json once the weights are complete. Two checks read it:
 - `verify_manifest` (script/verify-weights) re-hashes every file: slow on 25+ GB, catches any change;
@@ -10,9 +10,7 @@ tensors in each checkpoint, and the precision the folder was stored in (see show
 import argparse
 import hashlib
 import json
-import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +18,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .weights import DOWNLOAD_HINT, WeightsError, required_files
+from ..files import written_atomically
+from .layout import DOWNLOAD_HINT, WeightsError, required_files
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2  # 2: dtypes and precision recorded
-PROJECT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+PROJECT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 REPAIR_HINT = "Run `script/download-weights {weights_dir}` to fetch them again (only broken files are re-fetched)."
 
 
@@ -45,19 +44,6 @@ def file_sha256(path, on_bytes=None) -> str:
             if on_bytes:
                 on_bytes(len(chunk))
     return digest.hexdigest()
-
-
-@contextmanager
-def written_atomically(target):
-    """Yields a temporary path next to `target` to write to; on success it is renamed to `target`,
-    on failure removed. So a file under its final name is always complete, even after a crash."""
-    target = Path(target)
-    partial = target.with_name(target.name + ".partial")
-    try:
-        yield partial
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def manifest_path(weights_dir) -> Path:

@@ -1,82 +1,26 @@
 """Speed and memory of the cascade, on random weights: nothing is downloaded.
 
-Every network is built from the configs in show1/configs (`published`: the sizes on the Hub;
-`tiny`: the test weights' sizes) directly on the device. The schedulers are the published ones;
+Every network is built from the configs in bench/configs (`published`: the sizes on the Hub;
+`tiny`: the test weights' sizes) directly on the device (bench/random_weights.py). The schedulers are the published ones;
 the tokenizers are small stand-ins (they only turn the prompt into token ids). The same networks
 then run under one or more execution plans (show1.pipeline.ExecutionPlan), so the speed-up over
 the reference's plan is a ratio measured in one process, on one device.
 """
 
-import json
 import resource
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .loading import KNOWN_CLASSES, scheduler_from_config
-from .pipeline import LOW_MEMORY, REFERENCE_PLAN, RESIDENT, STAGE_NETWORKS, Show1Pipeline
-from .precision import cast_as_loaded
-from .random_weights import TOKENIZER_WRITERS, build_network, randomise
-from .weights import COMPONENTS
+from show1.components import STAGES
+from show1.pipeline import LOW_MEMORY, REFERENCE_PLAN, RESIDENT, Show1Pipeline
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-SIZES = ("published", "tiny")
+from .random_weights import random_components
+
 PLANS = {"optimized": RESIDENT, "low-memory": LOW_MEMORY, "reference": REFERENCE_PLAN}
 PROMPT = "A panda taking a selfie, 4k, high resolution"
 GIB = 2**30
-
-
-def tiny_repos() -> dict:
-    """The tiny weights' data: model_index.json, scheduler configs and tokenizer material per repo."""
-    return json.loads((CONFIGS / "tiny.json").read_text(encoding="utf-8"))["repos"]
-
-
-def network_configs(size, repos) -> dict:
-    """{repo: {folder: config}} of the networks at `size`."""
-    if size == "published":
-        return json.loads((CONFIGS / "published.json").read_text(encoding="utf-8"))
-    return {
-        repo: {folder: entry["config"] for folder, entry in spec["folders"].items() if "config" in entry}
-        for repo, spec in repos.items()
-    }
-
-
-def random_network(class_name, config, device, dtype, generator):
-    """A network built on `device` (no copy from the CPU) with random weights, in eval mode."""
-    with torch.device(device):
-        network = build_network(class_name, config)
-    cast_as_loaded(network, dtype)
-    randomise(network, generator)
-    return network.eval()
-
-
-def random_components(size, device, dtype, seed=0) -> dict:
-    """Every component the pipeline reads (show1.weights.COMPONENTS), networks at `size`."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    repos = tiny_repos()
-    configs = network_configs(size, repos)
-    generator = torch.Generator(device).manual_seed(seed)
-    components = {}
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        for key, component in COMPONENTS.items():
-            spec = repos[component.repo]
-            class_name = tuple(spec["model_index"][component.folder])
-            entry = spec["folders"][component.folder]
-            if class_name[1].endswith("Scheduler"):
-                components[key] = scheduler_from_config(KNOWN_CLASSES[class_name], entry["config"])
-            elif class_name[1] in TOKENIZER_WRITERS:
-                folder = Path(tokenizer_dir) / component.repo / component.folder
-                folder.mkdir(parents=True)
-                TOKENIZER_WRITERS[class_name[1]](folder, entry, spec["folders"]["text_encoder"]["config"])
-                components[key] = KNOWN_CLASSES[class_name].from_pretrained(folder)
-            else:
-                config = configs[component.repo][component.folder]
-                components[key] = random_network(class_name, config, device, dtype, generator)
-    return components
 
 
 def weight_bytes(network) -> int:
@@ -85,7 +29,7 @@ def weight_bytes(network) -> int:
 
 def stage_weight_bytes(components) -> dict:
     """Bytes of weights each stage needs on the device."""
-    return {stage: sum(weight_bytes(components[key]) for key in keys) for stage, keys in STAGE_NETWORKS.items()}
+    return {stage: sum(weight_bytes(network) for network in components.networks(stage)) for stage in STAGES}
 
 
 @dataclass
@@ -104,9 +48,8 @@ def peak_host_memory_bytes() -> int:
 def run_plan(name, components, device, dtype, settings) -> PlanResult:
     """The cascade once under plan `name`. The networks start where the plan keeps them."""
     plan = PLANS[name]
-    for key in COMPONENTS:
-        if isinstance(components[key], torch.nn.Module):
-            components[key].to(plan.home(device))
+    for network in components.networks():
+        network.to(plan.home(device))
     pipe = Show1Pipeline(components, device, dtype, plan)
     pipe.set_progress_bar_config(disable=True)
     if torch.device(device).type == "cuda":

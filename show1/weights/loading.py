@@ -1,4 +1,4 @@
-"""Loading networks from published folders with strict checks and clear errors."""
+"""Loading each component from a published folder, networks with strict checks and clear errors."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,10 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from .models import UNet3DConditionModel
-from .precision import tensor_dtype
-from .weights import SHOW1_UNET_CLASS_NAMES, WeightsError, resolve_weight_files
+from ..components import DIFFUSERS_MODEL
+from ..models import UNet3DConditionModel
+from ..precision import tensor_dtype
+from .layout import WeightsError, component_dir, resolve_weight_files
 
 
 class CheckpointMismatchError(ValueError):
@@ -73,10 +74,32 @@ def check_state_dict(model, state_dict, source):
         raise CheckpointMismatchError(f"{source} does not match its config ({details})")
 
 
+SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def stored_float_dtype(files):
-    """The dtype of the first floating-point tensor stored in a checkpoint."""
-    state_dict = read_state_dict(files)
-    return next(t.dtype for t in state_dict.values() if t.is_floating_point())
+    """The dtype of the first floating-point tensor stored in a checkpoint, read from the
+    safetensors header or the pickle's memory map: no tensor data is read."""
+    for path in checkpoint_files(files):
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                dtypes = (f.get_slice(name).get_dtype() for name in f.keys())
+                name = next((d for d in dtypes if d in SAFETENSORS_FLOAT_DTYPES), None)
+                if name:
+                    return SAFETENSORS_FLOAT_DTYPES[name]
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+            if dtype:
+                return dtype
+    raise CheckpointMismatchError(f"{files[0]} holds no floating-point tensor")
+
+
+def build_network(cls, config):
+    """A `cls` network built at `config` (default initialisation, on the current default device)."""
+    if issubclass(cls, transformers.PreTrainedModel):
+        return cls(cls.config_class.from_dict(config))
+    return cls.from_config(config)
 
 
 def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
@@ -86,12 +109,12 @@ def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightsError(f"{config_path} is missing")
-    files = resolve_weight_files(folder, "diffusion_pytorch_model")
+    files = resolve_weight_files(folder, DIFFUSERS_MODEL)
     if not files:
         raise WeightsError(f"No weights (diffusion_pytorch_model.safetensors or .bin) in {folder}")
     config = json.loads(config_path.read_text())
     with torch.device("meta"):
-        model = cls.from_config(config)
+        model = build_network(cls, config)
     if dtype is None:
         dtype = stored_float_dtype(files)
     state_dict = read_state_dict(files, device, tensor_dtype_rule(cls, dtype))
@@ -107,7 +130,8 @@ def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
 # Classes a published model_index.json may name for the components the cascade reads. Anything
 # else is refused rather than imported.
 KNOWN_CLASSES = {
-    **{name: UNet3DConditionModel for name in SHOW1_UNET_CLASS_NAMES},
+    # The published model_index.json files name the Show-1 UNet of a package this project replaces.
+    ("showone.models.unet_3d_condition", "UNet3DConditionModel"): UNet3DConditionModel,
     **{("diffusers", cls.__name__): cls for cls in (
         diffusers.UNet2DConditionModel, diffusers.AutoencoderKL,
         diffusers.DPMSolverMultistepScheduler, diffusers.DDPMScheduler,
@@ -160,3 +184,24 @@ def scheduler_from_config(cls, config):
 
 def load_scheduler(cls, folder):
     return scheduler_from_config(cls, cls.load_config(folder))
+
+
+def load_component(weights_dir, component, device, dtype=None):
+    """One component of a weights folder; a network straight onto `device` in `dtype`, or in its
+    serving dtype (show1.components) when dtype is None."""
+    folder = component_dir(weights_dir, component)
+    cls = component_class(weights_dir, component)
+    kind = component.kind.name
+    if kind == "scheduler":
+        return load_scheduler(cls, folder)
+    if kind == "tokenizer":
+        return cls.from_pretrained(folder)
+    return load_network(cls, folder, dtype or component.serving_dtype, device)
+
+
+def load_network(cls, folder, dtype, device):
+    """A `cls` network (a transformers or a diffusers model) from `folder`, strictly, straight
+    onto `device` in `dtype` (None: as stored)."""
+    if issubclass(cls, transformers.PreTrainedModel):
+        return load_transformers_model(cls, folder, dtype, device)
+    return load_diffusers_model(cls, folder, dtype=dtype, device=device)

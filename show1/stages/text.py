@@ -1,6 +1,8 @@
-"""Prompt encoding: T5 for the pixel stages (once per prompt), CLIP for the latent stage."""
+"""Stage `text`: the prompt encoded once per video, by T5 for the pixel stages (keyframes to sr1)
+and by CLIP for the latent stage (sr2)."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -9,14 +11,17 @@ MAX_TOKENS = 77
 
 @dataclass
 class PromptEmbeddings:
-    """Text states for classifier-free guidance: the unconditional and the conditional prompt."""
+    """Text states for classifier-free guidance (show1.sampling.guided_denoise): the unconditional
+    and the conditional prompt."""
 
     uncond: torch.Tensor  # [1, L, D]
     cond: torch.Tensor  # [1, L, D]
 
-    def guidance_batch(self, batch: int) -> torch.Tensor:
-        """[2*batch, L, D]: `batch` unconditional rows, then `batch` conditional rows."""
-        return torch.cat([self.uncond.expand(batch, -1, -1), self.cond.expand(batch, -1, -1)])
+
+@dataclass
+class TextStates:
+    t5: PromptEmbeddings
+    clip: Optional[PromptEmbeddings]  # None when the video stops before sr2
 
 
 def _tokenize(tokenizer, texts, device, encoder="text encoder", role="prompt"):
@@ -66,3 +71,12 @@ def encode_clip(tokenizer, text_encoder, prompt: str, negative_prompt: str) -> P
         ids, _ = _tokenize(tokenizer, [text], device, encoder="CLIP", role=role)
         states.append(text_encoder(ids)[0])
     return PromptEmbeddings(*states)
+
+
+def run(parts, prompt: str, negative_prompt: str, clip: bool = True) -> TextStates:
+    """parts: the stage's components (t5, t5_tokenizer, clip, clip_tokenizer). CLIP runs only when
+    `clip` (the video goes as far as sr2)."""
+    t5 = encode_t5(parts.t5_tokenizer, parts.t5, prompt)
+    if not clip:
+        return TextStates(t5, None)
+    return TextStates(t5, encode_clip(parts.clip_tokenizer, parts.clip, prompt, negative_prompt))
