@@ -19,6 +19,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import requests
+import yaml
 
 from conftest import FAST
 from show1.settings import OUTPUT_STAGES
@@ -410,9 +411,9 @@ def test_twenty_predictions_in_a_row_leave_no_files_descriptors_or_memory_behind
     def run(count):
         return [succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))["id"] for _ in range(count)]
 
-    # This runs before the cancellation test on purpose: after a cancelled prediction the worker's
-    # resident set grew by 100-230 MB over the next 20 predictions on the 2-core CI machine (at the
-    # previous release too); README 'Known issues' tracks it.
+    # A leak would grow with every prediction. Allocator effects do not: without MALLOC_ARENA_MAX=2
+    # (cog.yaml, script/serve) the anonymous memory grew in 55 MB steps as predictions landed on new
+    # malloc arenas; with it, +0 MB over 60 predictions (README 'Hardware and memory').
     worker = server.worker_pid()
     run(10)  # warm-up: lazy imports, allocator pools and encoder start-up settle
     before = {**process_usage(worker), **folder_usage(server.tmpdir)}
@@ -430,6 +431,15 @@ def test_twenty_predictions_in_a_row_leave_no_files_descriptors_or_memory_behind
     assert after["bytes"] < before["bytes"] * 2 + 100_000
     assert after["fds"] <= before["fds"] + 2
     assert after["rss_anon_mb"] < before["rss_anon_mb"] + 60
+
+
+def test_the_worker_runs_with_two_malloc_arenas_as_in_the_image(server):
+    """Without the cap, glibc's per-thread arenas made the worker's anonymous memory grow in steps
+    of about 55 MB as Cog's prediction threads landed on new arenas (+130 MB over 60 keyframe
+    predictions here); with it, flat. script/serve sets what cog.yaml sets in the image."""
+    environ = Path(f"/proc/{server.worker_pid()}/environ").read_bytes().split(b"\0")
+    assert b"MALLOC_ARENA_MAX=2" in environ
+    assert "MALLOC_ARENA_MAX=2" in yaml.safe_load((REPO / "cog.yaml").read_text())["environment"]
 
 
 # --- async predictions, webhooks and cancellation ----------------------------------------------
