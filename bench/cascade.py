@@ -45,12 +45,16 @@ def peak_host_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def place_networks(components, plan, device):
+    """Networks where plan `plan` (a PLANS name) keeps them between stages."""
+    for network in components.networks():
+        network.to(PLANS[plan].home(device))
+
+
 def run_plan(name, components, device, dtype, settings) -> PlanResult:
     """The cascade once under plan `name`. The networks start where the plan keeps them."""
-    plan = PLANS[name]
-    for network in components.networks():
-        network.to(plan.home(device))
-    pipe = Show1Pipeline(components, device, dtype, plan)
+    place_networks(components, name, device)
+    pipe = Show1Pipeline(components, device, dtype, PLANS[name])
     pipe.set_progress_bar_config(disable=True)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

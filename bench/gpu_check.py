@@ -37,7 +37,7 @@ from show1.settings import OUTPUT_STAGES
 
 from . import fake_memory
 from .attention_census import AttentionCensus
-from .cascade import PLANS, PROMPT, stage_weight_bytes
+from .cascade import PLANS, PROMPT, place_networks, stage_weight_bytes
 from .random_weights import SIZES, random_components
 from .step_clock import StepClock, estimate_video, short_run_settings, synchronize
 from .switches import SWITCHES, UNET_STAGES, FirstCall, measure_switches
@@ -96,12 +96,6 @@ class CascadeRun:
     finite: dict = field(default_factory=dict)  # {stage: bool}, when watched
     attention: dict = field(default_factory=dict)  # {stage: {kernel: calls}}, when counted
     error: Optional[str] = None
-
-
-def place_networks(components, plan, device):
-    """Networks where `plan` keeps them between stages."""
-    for network in components.networks():
-        network.to(PLANS[plan].home(device))
 
 
 def run_cascade(plan, components, device, dtype, settings, checks=False) -> CascadeRun:

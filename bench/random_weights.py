@@ -120,7 +120,7 @@ def random_component(component, repos, size, device, dtype, generator, tokenizer
         return scheduler_from_config(cls, entry["config"])
     folder = Path(tokenizer_dir) / component.key
     folder.mkdir(parents=True)
-    write_tokenizer(folder, cls, entry, repos[component.repo]["folders"]["text_encoder"]["config"])
+    write_tokenizer(folder, cls, repos[component.repo], component.folder)
     return cls.from_pretrained(folder)
 
 
@@ -207,10 +207,11 @@ def write_clip_tokenizer(folder, entry, text_encoder_config):
 TOKENIZER_WRITERS = {"T5Tokenizer": write_t5_tokenizer, "CLIPTokenizer": write_clip_tokenizer}
 
 
-def write_tokenizer(folder, cls, entry, text_encoder_config):
-    """The files of a stand-in tokenizer of class `cls` (slow or fast: both read the slow files)."""
+def write_tokenizer(folder, cls, spec, name):
+    """The files of a stand-in tokenizer of class `cls` (slow or fast: both read the slow files),
+    made from folder `name` of a repo's tiny.json `spec`, to fit the repo's text encoder."""
     writer = TOKENIZER_WRITERS[cls.__name__.removesuffix("Fast")]
-    writer(folder, entry, text_encoder_config)
+    writer(folder, spec["folders"][name], spec["folders"]["text_encoder"]["config"])
 
 
 # Folders in the published layout
@@ -264,15 +265,16 @@ def write_weights(folder, kind, tensors, file_format="safetensors", shards=1, va
     write_json(folder / index_file_name(kind, file_format), index)
 
 
-def write_folder(folder, cls, entry, text_encoder_config, config=None, tensors=None, **weights_options):
-    """One component folder of class `cls` from its tiny.json `entry`: a scheduler's config, a
-    stand-in tokenizer, or a network's `config` (default the entry's) and `tensors` (with
-    write_weights' options)."""
+def write_folder(folder, cls, spec, name, config=None, tensors=None, **weights_options):
+    """Folder `name` of a repo's tiny.json `spec`, of class `cls`: a scheduler's config, a stand-in
+    tokenizer, or a network's `config` (default the entry's) and `tensors` (with write_weights'
+    options)."""
+    entry = spec["folders"][name]
     folder.mkdir(parents=True, exist_ok=True)
     if cls.__name__.endswith("Scheduler"):
         write_json(folder / "scheduler_config.json", entry["config"])
     elif cls.__name__.removesuffix("Fast") in TOKENIZER_WRITERS:
-        write_tokenizer(folder, cls, entry, text_encoder_config)
+        write_tokenizer(folder, cls, spec, name)
     else:
         write_json(folder / "config.json", config or entry["config"])
         write_weights(folder, network_kind(cls), tensors, **weights_options)

@@ -26,14 +26,12 @@ def write_weights_folder(components, size, folder) -> Path:
     write_model_indexes(folder, repos)
     for component in COMPONENTS:
         spec = repos[component.repo]
-        entry = spec["folders"][component.folder]
         target = folder / component.repo / component.folder
         cls = folder_class(repos, component.repo, component.folder)
-        text_encoder_config = spec["folders"].get("text_encoder", {}).get("config")
         if component.is_network:
             config = network_config(repos, component.repo, component.folder, size)
             tensors = host_copies(components[component.key])
-            write_folder(target, cls, entry, text_encoder_config, config=config, tensors=tensors)
+            write_folder(target, cls, spec, component.folder, config=config, tensors=tensors)
         else:
-            write_folder(target, cls, entry, text_encoder_config)
+            write_folder(target, cls, spec, component.folder)
     return folder

@@ -1,4 +1,5 @@
-"""Where a weights folder keeps each component's files, and what they are called.
+"""Where a weights folder keeps each component's files, what they are called, and which dtypes a
+checkpoint file stores.
 
 The file-naming rules live here in both directions: which files a loader picks in a folder or in a
 repo listing (fp16 variants first, safetensors before pickles, an index with all its shards), and
@@ -8,6 +9,9 @@ which name a file gets when written (tiny weights) or converted (a pickle stored
 import json
 import re
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
 
 from ..components import COMPONENTS, HUB_REPOS, TOKENIZER_OPTIONAL_FILES
 
@@ -72,6 +76,23 @@ def is_checkpoint(name) -> bool:
 
 def is_pickle_index(name) -> bool:
     return ".bin.index" in name and name.endswith(".json")
+
+
+# safetensors' dtype names -> torch's.
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}
+
+
+def stored_dtypes(path) -> list:
+    """The dtype of every tensor in a checkpoint file, in the file's order, without reading tensor
+    data: from a safetensors header, or from a pickle opened as a memory map."""
+    if Path(path).suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            return [SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()] for name in f.keys()]
+    tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return [tensor.dtype for tensor in tensors.values()]
 
 
 # Which files a component needs

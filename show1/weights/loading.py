@@ -11,7 +11,7 @@ from safetensors import safe_open
 from ..components import DIFFUSERS_MODEL
 from ..models import UNet3DConditionModel
 from ..precision import tensor_dtype
-from .layout import WeightsError, component_dir, resolve_weight_files
+from .layout import WeightsError, component_dir, resolve_weight_files, stored_dtypes
 
 
 class CheckpointMismatchError(ValueError):
@@ -74,24 +74,12 @@ def check_state_dict(model, state_dict, source):
         raise CheckpointMismatchError(f"{source} does not match its config ({details})")
 
 
-SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def stored_float_dtype(files):
-    """The dtype of the first floating-point tensor stored in a checkpoint, read from the
-    safetensors header or the pickle's memory map: no tensor data is read."""
+    """The dtype of the first floating-point tensor stored in a checkpoint; no tensor data is read."""
     for path in checkpoint_files(files):
-        if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as f:
-                dtypes = (f.get_slice(name).get_dtype() for name in f.keys())
-                name = next((d for d in dtypes if d in SAFETENSORS_FLOAT_DTYPES), None)
-                if name:
-                    return SAFETENSORS_FLOAT_DTYPES[name]
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
-            if dtype:
-                return dtype
+        dtype = next((d for d in stored_dtypes(path) if d.is_floating_point), None)
+        if dtype:
+            return dtype
     raise CheckpointMismatchError(f"{files[0]} holds no floating-point tensor")
 
 

@@ -14,12 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..files import written_atomically
-from .layout import DOWNLOAD_HINT, WeightsError, required_files
+from .layout import DOWNLOAD_HINT, WeightsError, is_checkpoint, required_files, stored_dtypes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2  # 2: dtypes and precision recorded
@@ -51,16 +49,9 @@ def manifest_path(weights_dir) -> Path:
 
 
 def checkpoint_dtypes(path) -> tuple:
-    """The dtypes of the tensors in a checkpoint file, sorted; () for other files. Reads only the
-    header of a safetensors file (the tensors are memory-mapped and never touched)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        tensors = load_file(path)
-    elif path.suffix == ".bin":
-        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    else:
-        return ()
-    return dtype_names(t.dtype for t in tensors.values())
+    """The distinct dtypes of the tensors in a checkpoint file, sorted; () for other files. No
+    tensor data is read (show1.weights.layout.stored_dtypes)."""
+    return dtype_names(stored_dtypes(path)) if is_checkpoint(Path(path).name) else ()
 
 
 def dtype_names(dtypes) -> tuple:
