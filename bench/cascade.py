@@ -3,7 +3,7 @@
 Every network is built from the configs in bench/configs (`published`: the sizes on the Hub;
 `tiny`: the test weights' sizes) directly on the device (bench/random_weights.py). The schedulers are the published ones;
 the tokenizers are small stand-ins (they only turn the prompt into token ids). The same networks
-then run under one or more execution plans (show1.pipeline.ExecutionPlan), so the speed-up over
+then run under one or more execution plans (show1.plans.ExecutionPlan), so the speed-up over
 the reference's plan is a ratio measured in one process, on one device.
 """
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from show1.components import STAGES
-from show1.pipeline import LOW_MEMORY, REFERENCE_PLAN, RESIDENT, Show1Pipeline
+from show1.pipeline import Show1Pipeline
+from show1.plans import LOW_MEMORY, REFERENCE_PLAN, RESIDENT
 
 from .random_weights import random_components
 

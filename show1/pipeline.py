@@ -16,35 +16,13 @@ from tqdm.auto import tqdm
 from .attention import fused_attention
 from .components import COMPONENTS, Components
 from .frames import to_uint8_frames
+from .plans import LOW_MEMORY, RESIDENT, ExecutionPlan
 from .progress import StepLog
 from .settings import Show1Settings
 from .stages import first_frame, interpolation, keyframes, sr1, sr2, text
 from .weights.layout import required_files
 from .weights.loading import load_component
 from .weights.manifest import check_manifest_sizes
-
-
-@dataclass(frozen=True)
-class ExecutionPlan:
-    """Where the networks wait and how the work is batched: never what is computed.
-
-    offload: networks wait on the CPU and visit the device only for their own stage, so the peak
-        memory is that of the largest stage rather than of all of them (for 24 GB GPUs).
-    interpolation_batch: interpolation segments per UNet call; None runs all 7 in one batch.
-    """
-
-    offload: bool = False
-    interpolation_batch: Optional[int] = None
-
-    def home(self, device):
-        """Where the networks wait between stages."""
-        return "cpu" if self.offload else device
-
-
-RESIDENT = ExecutionPlan()
-LOW_MEMORY = ExecutionPlan(offload=True)
-# How the reference runs: every stage offloaded to the CPU between uses, one segment per call.
-REFERENCE_PLAN = ExecutionPlan(offload=True, interpolation_batch=1)
 
 
 @dataclass

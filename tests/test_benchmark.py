@@ -13,7 +13,7 @@ from bench.cascade import stage_weight_bytes
 from bench.random_weights import random_components
 from show1 import Show1Pipeline
 from show1.components import COMPONENTS, STAGES
-from show1.pipeline import LOW_MEMORY, RESIDENT
+from show1.plans import LOW_MEMORY, RESIDENT
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "benchmark"
