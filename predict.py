@@ -21,6 +21,9 @@ import torch
 from cog import BasePredictor, CancelationException, Input, Path, current_scope
 
 from show1 import Show1Pipeline
+from show1.failures import failed_stage, is_out_of_memory
+from show1.plans import GIB, HEADROOM_GIB, LOW_MEMORY, PREDICTED_PEAK_GIB, RESIDENT, ExecutionPlan, plan_for_device_memory
+from show1.progress import ProgressLog
 from show1.video import VIDEO_FORMATS, write_video
 
 # Cog 0.23 warns that BasePredictor and predict() are deprecated in favour of BaseRunner and run().
@@ -35,12 +38,12 @@ for message in KEPT_DEPRECATED_NAMES:
     warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
 
 DEFAULT_WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
-LOW_MEMORY_BELOW_BYTES = 40 * 2**30
 
 OUT_OF_MEMORY_MESSAGE = (
     "The GPU ran out of memory {where}. The memory has been released and the next prediction will "
     "run normally. Memory use grows with the output size: try output_stage 'sr1' (256x160) or "
-    "'interpolated' (64x40), or run on a GPU with more memory (an 80 GB A100 or H100 runs 'full')."
+    "'interpolated' (64x40), or run on a GPU with more memory (README, 'Hardware': a 16 GB T4 is "
+    "the smallest that runs 'full'). Other programs on the same GPU take memory too."
 )
 
 
@@ -57,15 +60,24 @@ def device_and_dtype():
     return "cpu", torch.float32
 
 
-def use_low_memory(device) -> bool:
-    """Offload stages between uses (predicted peak 11.4 GiB instead of 27.7 GiB) on GPUs with less
-    than 40 GiB, or when SHOW1_LOW_MEMORY=1; SHOW1_LOW_MEMORY=0 keeps every stage resident."""
+def execution_plan(device) -> ExecutionPlan:
+    """SHOW1_LOW_MEMORY=1 or 0 forces the low-memory or the resident plan; otherwise a GPU gets the
+    fastest plan that its memory holds (show1.plans.plan_for_device_memory), the CPU the resident one."""
     choice = os.environ.get("SHOW1_LOW_MEMORY", "").strip()
     if choice in ("0", "1"):
-        return choice == "1"
+        return LOW_MEMORY if choice == "1" else RESIDENT
     if choice:
         raise ValueError(f"SHOW1_LOW_MEMORY must be 0 or 1, got {choice!r}")
-    return device == "cuda" and torch.cuda.get_device_properties(0).total_memory < LOW_MEMORY_BELOW_BYTES
+    if device != "cuda":
+        return RESIDENT
+    return plan_for_device_memory(torch.cuda.get_device_properties(0).total_memory)
+
+
+def describe_device(device) -> str:
+    if device != "cuda":
+        return device
+    properties = torch.cuda.get_device_properties(0)
+    return f"{properties.name} ({properties.total_memory / GIB:.1f} GiB)"
 
 
 def random_seed() -> int:
@@ -115,18 +127,20 @@ class Predictor(BasePredictor):
         """Load every stage once. A missing or incomplete weights folder fails here with a
         message naming what is missing and the command that fetches it."""
         device, dtype = device_and_dtype()
-        low_memory = use_low_memory(device)
-        self.pipe = Show1Pipeline.from_pretrained(weights_dir(), device=device, dtype=dtype, low_memory=low_memory)
-        # Log lines rather than tqdm bars: Cog's logs are lines, not a terminal.
-        self.pipe.set_progress_bar_config(log=True)
+        plan = execution_plan(device)
+        self.pipe = Show1Pipeline.from_pretrained(weights_dir(), device=device, dtype=dtype, low_memory=plan.offload is not None)
+        # Cog's logs are lines, not a terminal: each prediction's progress is logged by a
+        # show1.progress.ProgressLog instead of the pipeline's tqdm bar.
+        self.pipe.set_progress_bar_config(disable=True)
         # Cog does not delete returned files, so each prediction clears this folder first, and the
         # worker removes it when it exits: the server shuts its worker down normally on SIGTERM
         # (docker stop, script/predict) or Ctrl-C, and that runs atexit handlers.
         self.output_dir = pathlib.Path(tempfile.mkdtemp(prefix="show1-outputs-"))
         atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
-        mode = "stages offloaded to the CPU between uses" if low_memory else "every stage resident"
+        mode = "stages offloaded to the CPU between uses" if plan.offload is not None else "every stage resident"
         precision = dtype or "serving precision: float16"
-        print(f"Show-1 loaded from {weights_dir()} on {device} ({precision}, {mode})")
+        print(f"Show-1 loaded from {weights_dir()} on {describe_device(device)} ({precision}, plan {plan.name}: "
+              f"{mode}, predicted peak {PREDICTED_PEAK_GIB[plan.name]:.1f} GiB + {HEADROOM_GIB} GiB headroom)")
 
     def predict(
         self,
@@ -193,6 +207,7 @@ class Predictor(BasePredictor):
                 sr2_steps=sr2_steps,
                 output_stage=output_stage,
                 on_stage_end=stage_reporter(finished_stages),
+                callback_on_step_end=ProgressLog(),
             )
             output_path = new_output_path(self.output_dir, output_format)
             return Path(write_video(result.frames, output_path, fps=fps, video_format=output_format))
@@ -201,11 +216,15 @@ class Predictor(BasePredictor):
             empty_folder(self.output_dir)
             release_memory(error)
             raise
-        except torch.OutOfMemoryError as error:
-            where = f"after stage {finished_stages[-1]}" if finished_stages else "in the first stage"
-            release_memory(error)
-            raise RuntimeError(OUT_OF_MEMORY_MESSAGE.format(where=where)) from None
         except Exception as error:
+            if is_out_of_memory(error):
+                stage = failed_stage(error)
+                # The allocator's own words (how much it tried to get, what was free) are for the
+                # logs; the user gets what to change.
+                print(f"GPU out of memory in stage {stage or 'unknown'}: {error}")
+                release_memory(error)
+                where = f"in stage {stage}" if stage else f"after stage {finished_stages[-1] if finished_stages else 'none'}"
+                raise RuntimeError(OUT_OF_MEMORY_MESSAGE.format(where=where)) from None
             # A failed stage (NaN output, a bad setting) keeps its tensors alive through the
             # traceback: free them so the container serves the next prediction with a clean device.
             release_memory(error)

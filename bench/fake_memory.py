@@ -11,14 +11,17 @@ Two things differ from a GPU run and are handled here:
 - On the CPU, scaled_dot_product_attention falls back to the math kernel, which materialises the
   attention matrix (over 200 GiB for one sr2 forward). The pipeline only allows the fused kernels
   on a GPU, so attention is replaced by a stand-in that allocates what the flash kernel allocates:
-  the output, its float32 log-sum-exp, and padded copies of q/k/v when the head size is not a
-  multiple of 8.
+  the output and its float32 log-sum-exp. The UNets' attention processors pad heads to a multiple
+  of 8 before the call (show1.attention); those padded q/k/v copies are ordinary operator outputs,
+  counted like any other. A call whose head is still not a multiple of 8 would run on the flash
+  kernel alone (sm80+), which pads internally: the stand-in allocates those padded copies too and
+  counts such calls (`attention_calls_needing_flash`, 0 when every network pads).
 - The CUDA caching allocator rounds blocks up and keeps freed blocks for reuse, and cuBLAS/cuDNN
   take workspaces; none of this is counted, so a GPU's max_memory_allocated will be somewhat higher.
 """
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -26,6 +29,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from show1.attention import padded_width
+from show1.components import STAGES
+from show1.plans import LOW_MEMORY_GOAL_GIB, prefetch_fits
 from show1.stages.interpolation import SEGMENT_FRAMES
 from show1.stages.keyframes import HEIGHT, NUM_KEYFRAMES, WIDTH
 from show1.stages.sr1 import UPSCALE, WINDOW
@@ -41,7 +47,6 @@ SERVING_DTYPE = torch.float16
 GUIDANCE_BATCH = 2  # classifier-free guidance runs [unconditional, conditional] in one batch
 SEGMENTS = NUM_KEYFRAMES - 1
 VIDEO_FRAMES = (SEGMENT_FRAMES - 1) * SEGMENTS + 1  # 29: neighbouring segments share a keyframe
-FLASH_HEAD_MULTIPLE = 8
 
 
 class LiveStorageBytes(TorchDispatchMode):
@@ -78,16 +83,23 @@ class LiveStorageBytes(TorchDispatchMode):
 
 
 class FlashAttentionStandIn(TorchFunctionMode):
-    """Replaces scaled_dot_product_attention by the allocations of the flash kernel."""
+    """Replaces scaled_dot_product_attention by the allocations of the flash kernel, and counts
+    the calls that only the flash kernel would take (heads not a multiple of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls_needing_flash = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **(kwargs or {}))
         query, key, value = args[:3]
-        head = query.shape[-1]
-        padded = -(-head // FLASH_HEAD_MULTIPLE) * FLASH_HEAD_MULTIPLE
-        # Held until the output exists, as inside the kernel.
-        padded_copies = [t.new_empty((*t.shape[:-1], padded)) for t in (query, key, value)] if padded != head else []
+        head, padded = query.shape[-1], padded_width(query.shape[-1])
+        padded_copies = []
+        if padded != head:
+            self.calls_needing_flash += 1
+            # Flash's own padded copies, held until the output exists, as inside the kernel.
+            padded_copies = [t.new_empty((*t.shape[:-1], padded)) for t in (query, key, value)]
         log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
         out = query.new_empty((*query.shape[:-1], value.shape[-1]))
         del padded_copies, log_sum_exp
@@ -187,6 +199,7 @@ class StagePrediction:
     stage: str
     weight_bytes: int
     activation_peak_bytes: int  # the largest peak of one of the stage's forward calls
+    attention_calls_needing_flash: int = 0  # attention calls whose heads are not a multiple of 8
 
     @property
     def peak_bytes(self):
@@ -206,31 +219,54 @@ def activation_peak_bytes(call) -> int:
 def predict_stage(stage, networks, weight_bytes) -> StagePrediction:
     """Runs the stage's forward calls once, its networks moved onto fake tensors (the others are
     only read for their configs)."""
-    with FakeTensorMode(allow_non_fake_inputs=True), FlashAttentionStandIn(), torch.no_grad():
+    attention = FlashAttentionStandIn()
+    with FakeTensorMode(allow_non_fake_inputs=True), attention, torch.no_grad():
         for network in networks.networks(stage):
             network.to_empty(device="cpu")
         peak = max(activation_peak_bytes(call) for call in STAGE_CALLS[stage](networks))
-    return StagePrediction(stage, weight_bytes[stage], peak)
+    return StagePrediction(stage, weight_bytes[stage], peak, attention.calls_needing_flash)
 
 
 @dataclass
 class PlanPrediction:
+    """Both plans' peaks, from the stages' predictions. The low-memory plan has one stage's
+    networks on the device at a time, plus the next stage's where show1.plans.prefetch_fits lets it
+    upload them while the stage computes (show1.offload)."""
+
     stages: dict  # {stage: StagePrediction}
     all_weight_bytes: int
+    stage_weight_bytes: dict = field(default_factory=dict)  # {stage: bytes} of every stage, predicted or not
 
     @property
     def resident_bytes(self):
         """Every network on the device, plus the largest activation peak of any stage."""
         return self.all_weight_bytes + max(p.activation_peak_bytes for p in self.stages.values())
 
+    def prefetched(self, stage):
+        """The stage whose networks the low-memory plan uploads while `stage` computes in a default
+        video (all six stages), or None."""
+        following = STAGES[STAGES.index(stage) + 1:]
+        return following[0] if following and prefetch_fits(stage, following[0]) else None
+
+    def low_memory_stage_bytes(self, stage):
+        """The device memory during `stage` under the low-memory plan: the stage alone, plus the
+        next stage's weights when they are prefetched meanwhile."""
+        prefetched = self.prefetched(stage)
+        return self.stages[stage].peak_bytes + (self.stage_weight_bytes[prefetched] if prefetched else 0)
+
     @property
     def low_memory_bytes(self):
-        """One stage's networks on the device at a time: the largest stage alone."""
-        return max(p.peak_bytes for p in self.stages.values())
+        """The low-memory plan's peak: its largest stage, with what it prefetches."""
+        return max(self.low_memory_stage_bytes(stage) for stage in self.stages)
+
+    @property
+    def attention_calls_needing_flash(self):
+        return sum(p.attention_calls_needing_flash for p in self.stages.values())
 
     @property
     def largest_stage(self):
-        return max(self.stages.values(), key=lambda p: p.peak_bytes).stage
+        """The stage of the low-memory plan's peak."""
+        return max(self.stages, key=self.low_memory_stage_bytes)
 
 
 def predict(stages=tuple(STAGE_CALLS), out=print) -> PlanPrediction:
@@ -241,7 +277,7 @@ def predict(stages=tuple(STAGE_CALLS), out=print) -> PlanPrediction:
     for stage in stages:
         predictions[stage] = predict_stage(stage, networks, weight_bytes)
         out(format_stage(predictions[stage]))
-    return PlanPrediction(predictions, sum(weight_bytes.values()))
+    return PlanPrediction(predictions, sum(weight_bytes.values()), weight_bytes)
 
 
 def gib(nbytes) -> str:
@@ -253,15 +289,30 @@ def format_stage(p: StagePrediction) -> str:
             f"   alone on the GPU {gib(p.peak_bytes):>6} GiB")
 
 
+def format_low_memory_stage(prediction: PlanPrediction, stage) -> str:
+    """How much the low-memory plan holds during `stage`, and whether it prefetches the next one."""
+    alone, prefetched = prediction.stages[stage].peak_bytes, prediction.prefetched(stage)
+    following = STAGES[STAGES.index(stage) + 1:]
+    if prefetched:
+        upload = f"+ the weights of {prefetched}, {gib(prediction.stage_weight_bytes[prefetched])} GiB, prefetched"
+    elif following:
+        would_be = alone + prediction.stage_weight_bytes[following[0]]
+        upload = f"(prefetching the weights of {following[0]} would need {gib(would_be)} GiB)"
+    else:
+        upload = "(the last stage)"
+    return f"  {stage:<14}alone {gib(alone):>6} GiB {upload}: {gib(prediction.low_memory_stage_bytes(stage))} GiB"
+
+
 def format_prediction(prediction: PlanPrediction) -> list:
     """The plan lines; the last one is `predicted_peak_gib resident=X low_memory=Y`."""
     stages = ", ".join(prediction.stages)
-    largest = prediction.stages[prediction.largest_stage]
     return [
         f"resident plan: all weights {gib(prediction.all_weight_bytes)} GiB + the largest activation peak "
         f"(of {stages}) = {gib(prediction.resident_bytes)} GiB",
-        f"low-memory plan: the largest stage alone ({largest.stage}: {gib(largest.weight_bytes)} GiB of weights "
-        f"+ {gib(largest.activation_peak_bytes)} GiB of activations) = {gib(prediction.low_memory_bytes)} GiB",
+        f"low-memory plan: one stage's networks at a time, and the next stage's while it computes where that "
+        f"stays within {LOW_MEMORY_GOAL_GIB} GiB:",
+        *[format_low_memory_stage(prediction, stage) for stage in prediction.stages],
+        f"low-memory plan: the largest is {prediction.largest_stage} = {gib(prediction.low_memory_bytes)} GiB",
         f"predicted_peak_gib resident={gib(prediction.resident_bytes)} low_memory={gib(prediction.low_memory_bytes)}",
     ]
 

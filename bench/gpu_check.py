@@ -22,7 +22,6 @@ import math
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -33,6 +32,8 @@ import transformers
 
 from show1 import Show1Pipeline
 from show1.components import STAGES
+from show1.failures import NonFiniteOutputError, failed_stage
+from show1.plans import LOW_MEMORY, REFERENCE_PLAN, REPLICATE_GPU_TOTAL_GIB, plan_for_device_memory
 from show1.settings import OUTPUT_STAGES
 
 from . import fake_memory
@@ -41,6 +42,7 @@ from .cascade import PLANS, PROMPT, place_networks, stage_weight_bytes
 from .random_weights import SIZES, random_components
 from .step_clock import StepClock, estimate_video, short_run_settings, synchronize
 from .switches import SWITCHES, UNET_STAGES, FirstCall, measure_switches
+from .transfers import count_transfers
 from .weights_folder import write_weights_folder
 
 GIB = 2**30
@@ -54,60 +56,26 @@ DEFAULT_BUDGET_S = 360
 # One run of the cascade
 
 
-class FiniteWatch:
-    """Forward hooks on every network of every stage: whether all their outputs were finite.
-    The flags stay on the device until read, so watching costs no synchronisation."""
-
-    def __init__(self, components):
-        self._flags = defaultdict(list)
-        self._hooks = [
-            module.register_forward_hook(lambda m, args, out, stage=stage: self._record(stage, out))
-            for stage in STAGES for network in components.networks(stage) for module in watched_modules(network)
-        ]
-
-    def _record(self, stage, output):
-        self._flags[stage] += [torch.isfinite(t).all() for t in output_tensors(output) if t.is_floating_point()]
-
-    def finite(self) -> dict:
-        for hook in self._hooks:
-            hook.remove()
-        return {stage: all(bool(flag) for flag in flags) for stage, flags in self._flags.items()}
-
-
-def watched_modules(network):
-    """The network, and its encoder/decoder halves: a VAE is called through those, not forward."""
-    halves = [getattr(network, name, None) for name in ("encoder", "decoder")]
-    return [network, *[half for half in halves if isinstance(half, torch.nn.Module)]]
-
-
-def output_tensors(output) -> list:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
-    return [value for value in values if isinstance(value, torch.Tensor)]
-
-
 @dataclass
 class CascadeRun:
     plan: str
     stages: dict  # {stage: StageSteps}
     seconds: float
     peak_bytes: Optional[int]  # device memory; None on the CPU
-    finite: dict = field(default_factory=dict)  # {stage: bool}, when watched
+    finite: dict = field(default_factory=dict)  # {stage: bool} of the stages that ran, when checked
     attention: dict = field(default_factory=dict)  # {stage: {kernel: calls}}, when counted
     error: Optional[str] = None
 
 
 def run_cascade(plan, components, device, dtype, settings, checks=False) -> CascadeRun:
-    """The whole cascade once under `plan`, with its steps timed; with `checks`, also watches
-    outputs for non-finite values and counts attention kernels (Python hooks: not for timing)."""
+    """The whole cascade once under `plan`, with its steps timed; with `checks`, also reports which
+    stages' outputs were finite (the pipeline stops at the first that is not, naming it) and counts
+    attention kernels (Python hooks: not for timing)."""
     place_networks(components, plan, device)
     pipe = Show1Pipeline(components, device, dtype, PLANS[plan])
     clock = StepClock(device)
-    # The progress bars are where the pipeline shows each denoising step; the clock takes their place.
-    pipe._progress = clock.progress
+    pipe.set_progress_bar_config(disable=True)  # the clock's timings are the report; a bar would break it up
     census = AttentionCensus() if checks else None
-    watch = FiniteWatch(components) if checks else None
 
     def on_stage_end(stage, seconds):
         clock.end_stage(stage, seconds)
@@ -119,18 +87,23 @@ def run_cascade(plan, components, device, dtype, settings, checks=False) -> Casc
         synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    error = None
+    error, non_finite_stage = None, None
     start = time.perf_counter()
     with census or nullcontext():
         try:
-            pipe(PROMPT, on_stage_end=on_stage_end, **settings)
+            pipe(PROMPT, on_stage_end=on_stage_end, callback_on_step_begin=clock.step_begins,
+                 callback_on_step_end=clock.step_ends, **settings)
         except Exception as failure:  # a stage that fails is the finding this run reports
             error = f"{type(failure).__name__}: {str(failure)[:300]}"
+            if isinstance(failure, NonFiniteOutputError):
+                non_finite_stage = failed_stage(failure)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     run = CascadeRun(plan, clock.stages, seconds, peak, error=error)
     if checks:
-        run.finite = watch.finite()
+        run.finite = {stage: True for stage in clock.stages}
+        if non_finite_stage:
+            run.finite[non_finite_stage] = False
         run.attention = {stage: dict(counts) for stage, counts in census.by_stage.items()}
     return run
 
@@ -214,16 +187,27 @@ def measure_plans(report, components, device, dtype, steps, warmup, output_stage
 
 def measure_setup(report, components, size, device, dtype, setup_dir):
     """Writes the networks as a weights folder and times from_pretrained; returns the loaded
-    pipeline's components (resident on the device)."""
+    pipeline's components (resident on the device), which replace `components`: those are freed
+    first, since two copies of the weights (about 49 GiB) fit no 40 or 48 GB card."""
     with tempfile.TemporaryDirectory(dir=setup_dir, prefix="show1-gpu-check-") as folder:
         start = time.perf_counter()
         write_weights_folder(components, size, folder)
         written = time.perf_counter()
+        free_networks(components, device)
         pipe = Show1Pipeline.from_pretrained(folder, device=device, dtype=dtype)
         synchronize(device)
         loaded = time.perf_counter()
     report.setup = {"write_s": written - start, "setup_s": loaded - written}
     return pipe.components
+
+
+def free_networks(components, device):
+    """Drops the networks' weights (they become meta tensors) and hands the device memory back."""
+    for network in components.networks():
+        network.to("meta")
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def gpu_check(args, out=print) -> Report:
@@ -315,10 +299,25 @@ def dry_run(args, out=print) -> dict:
     prediction = fake_memory.predict(args.stages, out=out)
     for line in fake_memory.format_prediction(prediction):
         out(line)
+    out("plan_for_total_gib " + " ".join(f"{total}={plan_for_device_memory(total * GIB).name}"
+                                         for total in REPLICATE_GPU_TOTAL_GIB.values()))
+    # Calls that a T4's kernels would refuse (heads not a multiple of 8): 0 while the UNets pad.
+    out(f"attention_calls_needing_flash={prediction.attention_calls_needing_flash}")
+    # What crosses the bus in a default video, counted on the plans' own moves (bench.transfers): the
+    # low-memory plan uploads each weight once; the reference's model offload moves it there and back.
+    transfers = {plan.name: count_transfers(plan) for plan in (LOW_MEMORY, REFERENCE_PLAN)}
+    for name, t in transfers.items():
+        out(f"{name}_transfer_gib h2d={t.h2d_bytes / GIB:.2f} d2h={t.d2h_bytes / GIB:.2f} weights={t.weight_bytes / GIB:.2f}")
+    out(f"low_memory_pinned_host_gib={transfers[LOW_MEMORY.name].pinned_host_bytes / GIB:.2f}")
     return {
         "stages": {s: {"weights_gib": gib(p.weight_bytes), "activations_gib": gib(p.activation_peak_bytes),
-                       "alone_gib": gib(p.peak_bytes)} for s, p in prediction.stages.items()},
+                       "alone_gib": gib(p.peak_bytes), "low_memory_gib": gib(prediction.low_memory_stage_bytes(s)),
+                       "prefetches": prediction.prefetched(s)} for s, p in prediction.stages.items()},
         "predicted_peak_gib": {"resident": gib(prediction.resident_bytes), "low_memory": gib(prediction.low_memory_bytes)},
+        "attention_calls_needing_flash": prediction.attention_calls_needing_flash,
+        "transfers_gib": {name: {"h2d": gib(t.h2d_bytes), "d2h": gib(t.d2h_bytes), "weights": gib(t.weight_bytes)}
+                          for name, t in transfers.items()},
+        "low_memory_pinned_host_gib": gib(transfers[LOW_MEMORY.name].pinned_host_bytes),
     }
 
 

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from show1.components import COMPONENTS, DIFFUSERS_MODEL, TRANSFORMERS_MODEL, Components
 from show1.precision import cast_as_loaded
-from show1.weights.conversion import standalone_tensors
 from show1.weights.layout import index_file_name, weights_file_name
 from show1.weights.loading import KNOWN_CLASSES, build_network, scheduler_from_config
+from show1.weights.preparation.conversion import standalone_tensors
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SIZES = ("published", "tiny")

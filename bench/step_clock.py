@@ -1,12 +1,13 @@
 """Seconds per denoising step of each stage, measured inside a real run of the cascade, and the
 seconds per video they predict at the default settings.
 
-Every stage denoises in `show1.sampling.guided_denoise`, which walks its timesteps through the
-pipeline's progress callable. StepClock stands in for that callable: it times each step (a UNet
-call on the guidance batch plus the scheduler step) between two device synchronisations. The
-pipeline reports the end of each stage (on_stage_end), which closes that stage's account. A short
-run (a few steps per stage) then tells, per stage, the seconds of one steady step and the seconds
-of everything else (text encoding, conditions, VAE, moving networks): the one-off work.
+The pipeline tells its public step callbacks before and after every denoising step
+(callback_on_step_begin, callback_on_step_end; show1.progress). StepClock is both: it times each
+step (a UNet call on the guidance batch plus the scheduler step) between two device
+synchronisations. The pipeline reports the end of each stage (on_stage_end), which closes that
+stage's account. A short run (a few steps per stage) then tells, per stage, the seconds of one
+steady step and the seconds of everything else (text encoding, conditions, VAE, moving
+networks): the one-off work.
 """
 
 import statistics
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from show1.progress import steps_per_loop
 from show1.settings import Show1Settings
 
 
@@ -48,27 +50,24 @@ class StageSteps:
 
 
 class StepClock:
-    """Replaces a pipeline's progress bars by step timing; pass `end_stage` as on_stage_end."""
+    """Times a pipeline's denoising steps: pass `step_begins` as callback_on_step_begin,
+    `step_ends` as callback_on_step_end and `end_stage` as on_stage_end."""
 
     def __init__(self, device):
         self.device = device
         self.stages = {}
         self._loops = []
+        self._step_start = None
 
-    def progress(self, description, **options):
-        """The pipeline's progress factory (its options, such as sr1's window count, are for
-        display): a function of a loop's steps that yields them, timed."""
-        return self._timed_steps
+    def step_begins(self, pipe, progress):
+        if progress.step == 1:
+            self._loops.append([])
+        synchronize(self.device)  # the work queued before the step is not the step's
+        self._step_start = time.perf_counter()
 
-    def _timed_steps(self, steps):
-        loop = []
-        self._loops.append(loop)
-        for step in steps:
-            synchronize(self.device)
-            start = time.perf_counter()
-            yield step
-            synchronize(self.device)
-            loop.append(time.perf_counter() - start)
+    def step_ends(self, pipe, progress):
+        synchronize(self.device)
+        self._loops[-1].append(time.perf_counter() - self._step_start)
 
     def end_stage(self, stage, seconds):
         self.stages[stage] = StageSteps(seconds, self._loops)
@@ -76,15 +75,8 @@ class StepClock:
 
 
 def default_steps_per_loop(settings=Show1Settings()) -> dict:
-    """Denoising steps of one loop of each stage at `settings` (default: the reference defaults).
-    sr2 runs the last `strength` of its schedule; sr1 runs sr1_steps per window."""
-    return {
-        "keyframes": settings.keyframe_steps,
-        "interpolation": settings.interpolation_steps,
-        "first_frame": settings.first_frame_steps,
-        "sr1": settings.sr1_steps,
-        "sr2": int(settings.sr2_steps * settings.sr2_strength),
-    }
+    """Denoising steps of one loop of each stage at `settings` (default: the reference defaults)."""
+    return steps_per_loop(settings)
 
 
 def short_run_settings(steps) -> dict:

@@ -92,9 +92,9 @@ class Component:
         return self.kind.has_weights
 
 
-# The serving precision, decided by measurement (README, 'Fidelity'): on a GPU every network runs
-# in float16; layers that the model class keeps in float32 (T5's `wo`) stay float32, see
-# show1.precision.
+# The serving precision, decided by measurement (docs/fidelity.md, 'Half precision'): on a GPU
+# every network runs in float16; layers that the model class keeps in float32 (T5's `wo`) stay
+# float32, see show1.precision.
 COMPONENTS = (
     Component("text", "t5", "show-1-base", "text_encoder", TRANSFORMERS_MODEL, torch.float16),
     Component("text", "t5_tokenizer", "show-1-base", "tokenizer", T5_TOKENIZER),

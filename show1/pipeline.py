@@ -7,17 +7,19 @@
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .attention import fused_attention
-from .components import COMPONENTS, Components
+from .components import COMPONENTS, STAGES, Components
+from .failures import FiniteOutputs, check_finite, mark_failed_stage
 from .frames import to_uint8_frames
-from .plans import LOW_MEMORY, RESIDENT, ExecutionPlan
-from .progress import StepLog
+from .offload import WeightUploads
+from .plans import LOW_MEMORY, RESIDENT, ExecutionPlan, Offload
+from .progress import PredictionProgress, ProgressBar, StepProgress, planned_work
 from .settings import Show1Settings
 from .stages import first_frame, interpolation, keyframes, sr1, sr2, text
 from .weights.layout import required_files
@@ -38,20 +40,6 @@ class Show1Output:
     timings: dict = field(default_factory=dict)
 
 
-class NonFiniteOutputError(RuntimeError):
-    """A stage produced NaN or infinity: a numerical failure, never a usable video."""
-
-
-def check_finite(stage, output):
-    """Raises NonFiniteOutputError when a stage's output is not finite. One device sync per stage."""
-    if not bool(torch.isfinite(output).all()):
-        raise NonFiniteOutputError(
-            f"Stage '{stage}' produced non-finite values (NaN or infinity) in {output.dtype} on {output.device}. "
-            "This is a numerical problem in the model's computation, not in the prompt; no video was written."
-        )
-    return output
-
-
 class Show1Pipeline:
     def __init__(self, components: Components, device, dtype, plan: ExecutionPlan = RESIDENT):
         self.components = components
@@ -59,12 +47,16 @@ class Show1Pipeline:
         self.dtype = dtype
         self.plan = plan
         self._progress_config = {}
+        # The low-memory plan's host copies of the weights, made once, here (show1.offload).
+        self._uploads = WeightUploads(components, self.device) if plan.offload is Offload.UPLOAD else None
+        self._video_stages = STAGES  # the stages of the video being generated (set by __call__)
 
     @classmethod
     def from_pretrained(cls, weights_dir, device="cpu", dtype=torch.float32, low_memory=False):
         """Loads every stage from a weights folder laid out as the five Hub repos (show1.components).
         dtype: every network's precision, or None for each network's serving dtype (the GPU's).
-        low_memory keeps the networks on the CPU between their uses (see ExecutionPlan)."""
+        low_memory: the low-memory plan (LOW_MEMORY): the networks are loaded into CPU memory, copied
+        once into host copies (pinned on a CUDA GPU) and uploaded for their own stage only."""
         check_manifest_sizes(weights_dir)
         required_files(weights_dir)
         plan = LOW_MEMORY if low_memory else RESIDENT
@@ -72,23 +64,44 @@ class Show1Pipeline:
         return cls(Components(loaded), device, dtype, plan)
 
     def set_progress_bar_config(self, **kwargs):
-        """tqdm options for the per-stage progress bars, e.g. disable=True; or log=True for plain
-        log lines instead of bars (show1.progress.StepLog: every 10% of a stage's steps or every
-        5 s), which is what a server's logs need."""
+        """tqdm options of the prediction's progress bar (show1.progress.ProgressBar: one bar,
+        0 to 100% of the denoising work), e.g. disable=True."""
         self._progress_config.update(kwargs)
 
-    def _progress(self, stage, windows=1):
-        """The progress wrapper of a stage's steps loop, labelled with the stage id; a stage that
-        runs the loop once per window (sr1) says how many, so that each log line names its window."""
-        config = dict(self._progress_config)
-        if config.pop("log", False) and not config.get("disable"):
-            return StepLog(stage, passes=windows, pass_name="window")
-        return lambda steps: tqdm(steps, desc=stage, **config)
+    @contextmanager
+    def _progress(self, settings, callback_on_step_begin, callback_on_step_end):
+        """The prediction's step counter (show1.progress.PredictionProgress) over the stages that
+        run at `settings`: around every denoising step it tells the bar, unless disabled, and the
+        callbacks, each as callback(pipe, progress). The bar is closed however the prediction ends."""
+        bar = None if self._progress_config.get("disable") else ProgressBar(**self._progress_config)
+
+        def told(*callbacks):
+            return [partial(callback, self) for callback in callbacks if callback is not None]
+
+        try:
+            yield PredictionProgress(planned_work(settings, self.plan.interpolation_batch),
+                                     on_step_begin=told(callback_on_step_begin),
+                                     on_step_end=told(bar, callback_on_step_end))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _next_stage(self, stage):
+        """The stage that runs after `stage` in the video being generated; None after its last."""
+        following = self._video_stages[self._video_stages.index(stage) + 1:]
+        return following[0] if following else None
 
     @contextmanager
     def _networks_on_device(self, stage):
-        """With offloading, the stage's networks visit the device for the stage only."""
-        networks = self.components.networks(stage) if self.plan.offload else []
+        """With offloading, the stage's networks visit the device for the stage only (show1.plans.Offload):
+        the low-memory plan uploads them from their host copies and drops them after the stage, and
+        may upload the next stage's networks meanwhile; the reference's model offload moves them
+        there and back."""
+        if self._uploads is not None:
+            with self._uploads.stage(stage, next_stage=self._next_stage(stage)):
+                yield
+            return
+        networks = self.components.networks(stage) if self.plan.offload is Offload.MODEL else []
         for network in networks:
             network.to(self.device)
         try:
@@ -100,39 +113,71 @@ class Show1Pipeline:
     @contextmanager
     def _stage(self, stage, timings, on_stage_end):
         """Runs the block as `stage`: its networks on the device, image stages held to fused
-        attention, timed (the GPU's work included), and on_stage_end told."""
+        attention, their outputs watched for non-finite values (the block gets the FiniteOutputs
+        to check its result with), timed (the GPU's work included), and on_stage_end told. An
+        exception leaving the block is marked with the stage (show1.failures.failed_stage)."""
         start = time.perf_counter()
         # The text encoders attend over 77 tokens, where any kernel fits in memory, and T5's
         # position bias is a mask that not every fused kernel takes: only the image stages are held
         # to fused attention.
         attention = nullcontext() if stage == "text" else fused_attention(self.device)
-        with self._networks_on_device(stage), attention:
-            yield
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+        try:
+            with self._networks_on_device(stage), attention, FiniteOutputs(self.components.networks(stage)) as outputs:
+                yield outputs
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+        except BaseException as error:
+            mark_failed_stage(error, stage)
+            raise
         timings[stage] = time.perf_counter() - start
         if on_stage_end is not None:
             on_stage_end(stage, timings[stage])
 
     @torch.no_grad()
-    def __call__(self, prompt: str, on_stage_end: Optional[Callable[[str, float], None]] = None, **settings):
+    def __call__(
+        self,
+        prompt: str,
+        on_stage_end: Optional[Callable[[str, float], None]] = None,
+        callback_on_step_end: Optional[Callable[["Show1Pipeline", StepProgress], None]] = None,
+        callback_on_step_begin: Optional[Callable[["Show1Pipeline", StepProgress], None]] = None,
+        **settings,
+    ):
         """Generates a video. Keyword settings and their defaults: show1.settings.Show1Settings;
         `output_stage` stops early. on_stage_end(stage, seconds) is called after each stage.
-        Raises NonFiniteOutputError, naming the stage, when a stage's output is not finite."""
+
+        callback_on_step_end(pipe, progress) is called after every denoising step, as diffusers'
+        callback of that name, with a show1.progress.StepProgress: the stage, the step and the
+        number of steps (per loop: sr1 runs one loop per window), and the work done and in all
+        (GFLOPs of the denoising steps of the stages that run; progress.fraction is the
+        prediction's progress). Unlike diffusers' it gets neither the timestep nor the latents,
+        and returns nothing. callback_on_step_begin(pipe, progress) is called before every step.
+        An exception raised in either stops the prediction there (e.g. to cancel it); it leaves
+        this call as it came, marked with its stage like any other.
+
+        Raises NonFiniteOutputError, naming the stage, when a stage's output, or any output of
+        its networks on the way, is not finite; any exception names the stage it was raised in
+        (show1.failures.failed_stage)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty: describe the video to generate.")
         s = Show1Settings(**settings)
+        self._video_stages = STAGES[:STAGES.index(s.last_stage) + 1]
+        with self._progress(s, callback_on_step_begin, callback_on_step_end) as progress:
+            return self._generate(prompt, s, progress, on_stage_end)
+
+    def _generate(self, prompt, s, progress, on_stage_end):
+        """The stages of the video up to s.last_stage; their denoising steps tell `progress`."""
         result = Show1Output(timings={})
 
-        def run(stage, run_stage, *args, windows=1, **kwargs):
+        def run(stage, run_stage, *args, **kwargs):
             """One denoising stage on its own components, its output checked to be finite."""
-            with self._stage(stage, result.timings, on_stage_end):
+            with self._stage(stage, result.timings, on_stage_end) as outputs:
                 parts = getattr(self.components, stage)
-                output = run_stage(parts, *args, progress=self._progress(stage, windows=windows), **kwargs)
-                return check_finite(stage, output)
+                output = run_stage(parts, *args, progress=progress.steps(stage), **kwargs)
+                return check_finite(stage, output, outputs.flag)
 
-        with self._stage("text", result.timings, on_stage_end):
+        with self._stage("text", result.timings, on_stage_end) as outputs:
             states = text.run(self.components.text, prompt, s.negative_prompt, clip=s.last_stage == "sr2")
+            check_finite("text", states.t5.cond, outputs.flag)
 
         result.keyframes = run("keyframes", keyframes.run, states.t5,
                                steps=s.keyframe_steps, guidance=s.keyframe_guidance, seed=s.seed)
@@ -149,8 +194,7 @@ class Show1Pipeline:
                                  steps=s.first_frame_steps, guidance=s.first_frame_guidance,
                                  noise_level=s.first_frame_noise_level, seed=s.seed)
         result.sr1 = run("sr1", sr1.run, states.t5, result.interpolation, result.first_frame,
-                         steps=s.sr1_steps, guidance=s.sr1_guidance, noise_level=s.sr1_noise_level, seed=s.seed,
-                         windows=len(sr1.window_starts(result.interpolation.shape[2])))
+                         steps=s.sr1_steps, guidance=s.sr1_guidance, noise_level=s.sr1_noise_level, seed=s.seed)
         if s.last_stage == "sr1":
             return self._finish(result, result.sr1)
 

@@ -3,8 +3,8 @@
 On a GPU the pipeline runs in float16, as the reference did, with one exception that transformers
 makes itself: a model loaded with dtype=float16 keeps the modules its class lists in
 `_keep_in_fp32_modules` in float32 (T5's `wo` feed-forward outputs, whose activations overflow
-float16). Measured against float32 (README, 'Fidelity'), this is closer than bfloat16 for both
-text encoders and for every UNet.
+float16). Measured against float32 (docs/fidelity.md, 'Half precision'), this is closer than
+bfloat16 for both text encoders and for every UNet.
 """
 
 import torch
@@ -17,11 +17,19 @@ def float32_module_names(model_class, dtype) -> frozenset:
     return frozenset(getattr(model_class, "_keep_in_fp32_modules", None) or ())
 
 
-def tensor_dtype(name, model_class, dtype):
-    """The dtype of the floating-point tensor `name` (a state-dict key) of a `model_class` model
-    loaded in `dtype`."""
+def tensor_dtype_rule(model_class, dtype):
+    """rule(name, stored_dtype): the dtype a checkpoint tensor `name` (a state-dict key) has in a
+    `model_class` model loaded in `dtype`: the float32 modules its class declares stay float32,
+    integer and boolean buffers keep their dtype. With dtype None every tensor keeps its stored
+    dtype. The loader reads checkpoints with it, and script/download-weights stores them with it."""
     keep = float32_module_names(model_class, dtype)
-    return torch.float32 if keep.intersection(name.split(".")) else dtype
+
+    def rule(name, stored_dtype):
+        if dtype is None or not stored_dtype.is_floating_point:
+            return stored_dtype
+        return torch.float32 if keep.intersection(name.split(".")) else dtype
+
+    return rule
 
 
 def cast_as_loaded(model, dtype):

@@ -9,6 +9,8 @@ frames. The variance half of the output is kept only for schedulers that learned
 import torch
 from diffusers import UNet2DConditionModel
 
+from .step_noise import ddpm_step, noise_ahead, takes_noise_ahead
+
 
 def seeded_generator(seed: int) -> torch.Generator:
     """A fresh CPU generator: every stage draws from its own, seeded with the user's seed, so the
@@ -46,16 +48,21 @@ def guidance_batch(text, batch: int) -> torch.Tensor:
     return torch.cat([text.uncond.expand(batch, -1, -1), text.cond.expand(batch, -1, -1)])
 
 
-def scheduler_step(scheduler, noise_pred, t, sample, generator):
+def scheduler_step(scheduler, noise_pred, t, sample, generator, noise=None):
     """One scheduler step on a video, frame by frame, in float32.
 
     The schedulers compute in the dtype they are given. In half precision the DPM-Solver's
     x0 = (x - sigma * eps) / alpha overflows float16 at t ~ 999 (1 / alpha ~ 20,000), and its
-    dynamic thresholding turns the whole sample into NaN; float32 costs nothing next to a UNet call."""
+    dynamic thresholding turns the whole sample into NaN; float32 costs nothing next to a UNet call.
+
+    noise: this step's random noise, drawn before the loop (show1.step_noise), for the schedulers
+    that take it; the others draw what they need from `generator` themselves."""
     num_frames = sample.shape[2]
-    prev = scheduler.step(
-        frames_to_batch(noise_pred.float()), t, frames_to_batch(sample.float()), generator=generator
-    ).prev_sample
+    noise_pred, frames = frames_to_batch(noise_pred.float()), frames_to_batch(sample.float())
+    if takes_noise_ahead(scheduler):
+        prev = ddpm_step(scheduler, noise_pred, t, frames, noise)
+    else:
+        prev = scheduler.step(noise_pred, t, frames, generator=generator).prev_sample
     return batch_to_frames(prev, num_frames)
 
 
@@ -96,6 +103,9 @@ def guided_denoise(
     timesteps = timesteps.cpu()
     model_timesteps = timesteps.to(sample.device)
     learned_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
+    # The noise a stochastic scheduler adds at each step, drawn now and copied to the device once:
+    # drawn inside the step from the CPU generator, it would be copied, with a wait, every step.
+    step_noise = noise_ahead(scheduler, timesteps, frames_to_batch(sample).shape, generator, sample.device)
     for i in progress(range(len(timesteps))):
         t = timesteps[i]
         model_input = sample if condition is None else torch.cat([sample, condition], dim=1)
@@ -105,5 +115,5 @@ def guided_denoise(
         noise_pred = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
         if learned_variance:
             noise_pred = torch.cat([noise_pred, cond[:, channels:]], dim=1)
-        sample = scheduler_step(scheduler, noise_pred, t, sample, generator)
+        sample = scheduler_step(scheduler, noise_pred, t, sample, generator, step_noise[i])
     return sample

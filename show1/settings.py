@@ -5,21 +5,24 @@ writes its Cog inputs as literals (`cog build` reads them without running any co
 tests/test_predictor.py checks that they match these. The numbers are those of the reference driver.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from typing import Optional
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A setting's reference default and, for numbers, its inclusive range."""
+    """A setting's reference default and, for numbers, its inclusive range (named as Cog's Input
+    names them)."""
 
     default: object
     ge: Optional[float] = None
     le: Optional[float] = None
 
 
+# Every setting, declared once; Show1Settings has one field per entry, in this order.
 SETTINGS = {
     "negative_prompt": Setting("low resolution, blur"),  # what sr2's guidance steers away from
+    "seed": Setting(0),  # any integer in [0, 2**63)
     "keyframe_steps": Setting(75, 1, 500),
     "keyframe_guidance": Setting(9.0, 1.0, 30.0),
     "interpolation_steps": Setting(75, 1, 500),
@@ -33,33 +36,24 @@ SETTINGS = {
     "sr2_steps": Setting(50, 1, 500),
     "sr2_strength": Setting(0.8, 0.0, 1.0),
     "sr2_guidance": Setting(15.0, 1.0, 30.0),
+    "output_stage": Setting("full"),  # a key of OUTPUT_STAGES
 }
 
 # How far the cascade runs, as the published API (predict.py's output_stage) names it -> the last
 # stage that runs (show1.components.STAGES). Each later stage includes the earlier ones.
 OUTPUT_STAGES = {"keyframes": "keyframes", "interpolated": "interpolation", "sr1": "sr1", "full": "sr2"}
 
+# The fields of Show1Settings: one per setting, typed and defaulted by its reference default.
+SettingFields = make_dataclass(
+    "SettingFields",
+    [(name, type(setting.default), setting.default) for name, setting in SETTINGS.items()],
+    frozen=True,
+)
+
 
 @dataclass(frozen=True)
-class Show1Settings:
-    """The settings of one generation; the defaults are the reference's."""
-
-    negative_prompt: str = SETTINGS["negative_prompt"].default
-    seed: int = 0
-    keyframe_steps: int = SETTINGS["keyframe_steps"].default
-    keyframe_guidance: float = SETTINGS["keyframe_guidance"].default
-    interpolation_steps: int = SETTINGS["interpolation_steps"].default
-    interpolation_guidance: float = SETTINGS["interpolation_guidance"].default
-    first_frame_steps: int = SETTINGS["first_frame_steps"].default
-    first_frame_guidance: float = SETTINGS["first_frame_guidance"].default
-    first_frame_noise_level: int = SETTINGS["first_frame_noise_level"].default
-    sr1_steps: int = SETTINGS["sr1_steps"].default
-    sr1_guidance: float = SETTINGS["sr1_guidance"].default
-    sr1_noise_level: int = SETTINGS["sr1_noise_level"].default
-    sr2_steps: int = SETTINGS["sr2_steps"].default
-    sr2_strength: float = SETTINGS["sr2_strength"].default
-    sr2_guidance: float = SETTINGS["sr2_guidance"].default
-    output_stage: str = "full"
+class Show1Settings(SettingFields):
+    """The settings of one generation (SETTINGS), checked when made; the defaults are the reference's."""
 
     def __post_init__(self):
         for name, setting in SETTINGS.items():

@@ -15,6 +15,14 @@ EXPECTED = REFERENCE / "expected"
 # cascade in seconds, at the real model's sizes.
 FAST = {"keyframe_steps": 1, "interpolation_steps": 1, "first_frame_steps": 1, "sr1_steps": 1, "sr2_steps": 2}
 
+# Keyframes of SMALL_KEYFRAMES (height, width) instead of 40x64, for the tests of properties that do
+# not depend on the frame size (where a video stops, determinism, failures, which context a stage
+# runs in): every later stage works at the size of its input, so the whole cascade shrinks with
+# them. Not square, so that a swapped height and width shows. The full-size shape of every stage
+# is checked on the reference chain (test_pipeline.py) and against the reference's stage outputs
+# (test_stages.py).
+SMALL_KEYFRAMES = (8, 16)
+
 # The reference outputs were computed with 2 CPU threads; other counts change the last bits.
 torch.set_num_threads(2)
 
@@ -56,3 +64,13 @@ def reference_settings():
     import json
 
     return json.loads((EXPECTED / "settings.json").read_text())
+
+
+@pytest.fixture
+def small_keyframes(monkeypatch):
+    """The keyframes stage, and so every later one, at SMALL_KEYFRAMES for one test."""
+    from show1.stages import keyframes
+
+    monkeypatch.setattr(keyframes, "HEIGHT", SMALL_KEYFRAMES[0])
+    monkeypatch.setattr(keyframes, "WIDTH", SMALL_KEYFRAMES[1])
+    return SMALL_KEYFRAMES

@@ -10,8 +10,9 @@ distinguishes them from ordinary arithmetic.
 `VirtualDevice` is a `TorchFunctionMode`, so it sees every torch call made while it is active.
 It computes everything on the CPU, for real, but keeps a (weak) set of the tensors that would live
 on the device: those it was told about (`place`: a module's parameters and buffers, inputs), those
-created with `device="cuda"`, those moved with `.to("cuda")` / `.cuda()`, and the results of any
-operation on such tensors. For those tensors it answers `.device` with `cuda:0` and `.is_cuda` with
+created with `device="cuda"`, those moved with `.to("cuda")` / `.cuda()`, the results of any
+operation on such tensors, and a tensor whose `.data` is set to one of them (as offloading code swaps
+a parameter's data between a host copy and a device copy; set back to a host tensor, it leaves). For those tensors it answers `.device` with `cuda:0` and `.is_cuda` with
 True, so the code under test (`unet.device`, `sample.device`, ...) takes the path it takes on a GPU.
 
 Each call is then classified, and what a GPU would wait for is recorded as an `Event` with the
@@ -188,6 +189,15 @@ class VirtualDevice(TorchFunctionMode):
                 return not self.on_device(tensor)
             out = func(*args, **kwargs)
             return self.place(out) if isinstance(out, torch.Tensor) and self.on_device(tensor) else out
+
+        if name == "__set__" and getattr(getattr(func, "__self__", None), "__name__", "") == "data":
+            tensor, data = args[0], args[1]
+            func(*args, **kwargs)
+            if self.on_device(data):
+                self.place(tensor)
+            else:
+                self._on_device.pop(tensor, None)
+            return None
 
         if name == "get_device" and isinstance(args[0], torch.Tensor):
             return 0 if self.on_device(args[0]) else -1

@@ -1,5 +1,6 @@
 """script/benchmark and the execution plans it compares: the same networks, the same video, and
-networks offloaded exactly around their own stage in the low-memory plan."""
+networks offloaded exactly around their own stage in the reference's plan (the low-memory plan's
+uploads: tests/test_offload.py)."""
 
 import re
 import subprocess
@@ -13,7 +14,7 @@ from bench.cascade import stage_weight_bytes
 from bench.random_weights import random_components
 from show1 import Show1Pipeline
 from show1.components import COMPONENTS, STAGES
-from show1.plans import LOW_MEMORY, RESIDENT
+from show1.plans import REFERENCE_PLAN, RESIDENT
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "benchmark"
@@ -85,11 +86,11 @@ def test_random_components_are_the_networks_the_pipeline_loads(tiny_pipeline):
     assert per_stage["keyframes"] == sum(p.numel() * 4 for p in built.keyframes.unet.parameters())
 
 
-def test_low_memory_plan_moves_each_stage_networks_to_the_device_only_for_that_stage(tiny_weights, monkeypatch):
+def test_reference_plan_moves_each_stage_networks_to_the_device_only_for_that_stage(tiny_weights, monkeypatch):
     # "cpu:0" stands for the GPU: the same memory, but the moves to it can be told from those back.
-    pipe = Show1Pipeline.from_pretrained(tiny_weights, device="cpu:0", dtype=torch.float32, low_memory=True)
+    loaded = Show1Pipeline.from_pretrained(tiny_weights, device="cpu", dtype=torch.float32)
+    pipe = Show1Pipeline(loaded.components, "cpu:0", torch.float32, REFERENCE_PLAN)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.plan == LOW_MEMORY
     events = []
     networks = {c.key: c for c in COMPONENTS if c.is_network}
     for key in networks:

@@ -23,6 +23,7 @@ import yaml
 
 from conftest import FAST
 from show1.settings import OUTPUT_STAGES
+from test_progress import assert_one_bar_to_the_end
 from test_video import decode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,6 +268,9 @@ def test_full_video_is_a_playable_576x320_mp4_with_29_frames(server, tmp_path):
     logs = prediction["logs"]
     assert "Using seed: 7" in logs
     assert [line.split()[1] for line in logs.splitlines() if line.startswith("Stage ")] == STAGES_RUN["full"]
+    # Replicate's progress bar, read from the logs as its JavaScript client reads it.
+    assert_one_bar_to_the_end(logs)
+    assert "\r" not in logs
 
 
 @pytest.mark.parametrize("output_stage", ["sr1", "interpolated", "keyframes"])
@@ -413,7 +417,8 @@ def test_twenty_predictions_in_a_row_leave_no_files_descriptors_or_memory_behind
 
     # A leak would grow with every prediction. Allocator effects do not: without MALLOC_ARENA_MAX=2
     # (cog.yaml, script/serve) the anonymous memory grew in 55 MB steps as predictions landed on new
-    # malloc arenas; with it, +0 MB over 60 predictions (README 'Hardware and memory').
+    # malloc arenas; with it, +0 MB over 60 predictions (docs/performance.md,
+    # 'Host memory of the server').
     worker = server.worker_pid()
     run(10)  # warm-up: lazy imports, allocator pools and encoder start-up settle
     before = {**process_usage(worker), **folder_usage(server.tmpdir)}
@@ -433,13 +438,15 @@ def test_twenty_predictions_in_a_row_leave_no_files_descriptors_or_memory_behind
     assert after["rss_anon_mb"] < before["rss_anon_mb"] + 60
 
 
-def test_the_worker_runs_with_two_malloc_arenas_as_in_the_image(server):
-    """Without the cap, glibc's per-thread arenas made the worker's anonymous memory grow in steps
-    of about 55 MB as Cog's prediction threads landed on new arenas (+130 MB over 60 keyframe
-    predictions here); with it, flat. script/serve sets what cog.yaml sets in the image."""
+def test_the_worker_runs_with_the_images_environment(server):
+    """Without MALLOC_ARENA_MAX=2, glibc's per-thread arenas made the worker's anonymous memory grow
+    in steps of about 55 MB as Cog's prediction threads landed on new arenas (+130 MB over 60
+    keyframe predictions here); with it, flat. script/serve sets what cog.yaml sets in the image."""
     environ = Path(f"/proc/{server.worker_pid()}/environ").read_bytes().split(b"\0")
-    assert b"MALLOC_ARENA_MAX=2" in environ
-    assert "MALLOC_ARENA_MAX=2" in yaml.safe_load((REPO / "cog.yaml").read_text())["environment"]
+    image_environment = yaml.safe_load((REPO / "cog.yaml").read_text())["environment"]
+    assert {"MALLOC_ARENA_MAX=2", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"} <= set(image_environment)
+    for variable in image_environment:
+        assert variable.encode() in environ, variable
 
 
 # --- async predictions, webhooks and cancellation ----------------------------------------------

@@ -20,16 +20,24 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import show1.weights.conversion as conversion
-import show1.weights.download as download
-import show1.weights.sources as sources
+import show1.weights.preparation.conversion as conversion
+import show1.weights.preparation.download as download
+import show1.weights.preparation.sources as sources
 from show1.components import NETWORKS, component
-from show1.weights.conversion import PUBLISHED, SERVING, ConversionError, convert_checkpoint, convert_index
-from show1.weights.download import download_weights, select_repo_files
+from show1.precision import tensor_dtype_rule
 from show1.weights.layout import required_files, safetensors_name
-from show1.weights.loading import serving_dtype_rule, tensor_dtype_rule
-from show1.weights.manifest import manifest_precision, read_manifest, verify_main, verify_manifest
-from show1.weights.sources import DownloadError, HubSource, LocalSource, SourceFile
+from show1.weights.manifest import manifest_precision, read_manifest, verify_manifest
+from show1.weights.preparation import verify
+from show1.weights.preparation.conversion import (
+    PUBLISHED,
+    SERVING,
+    ConversionError,
+    convert_checkpoint,
+    convert_index,
+    network_dtype_rule,
+)
+from show1.weights.preparation.download import download_weights, select_repo_files
+from show1.weights.preparation.sources import DownloadError, HubSource, LocalSource, SourceFile
 
 from conftest import REFERENCE_WEIGHTS
 
@@ -133,7 +141,7 @@ def load_pickle(path) -> dict:
 
 def serving_dtype_of(converted_name):
     """The per-tensor serving dtype rule of the network a converted file belongs to."""
-    return serving_dtype_rule(REFERENCE_WEIGHTS, component(NETWORK_OF[converted_name]))
+    return network_dtype_rule(REFERENCE_WEIGHTS, component(NETWORK_OF[converted_name]), SERVING)
 
 
 def cast_by(state_dict, dtype_of) -> dict:
@@ -298,7 +306,7 @@ def test_manifest_records_each_checkpoints_dtypes_and_the_precision(downloaded):
 
 
 def test_verify_weights_passes_on_the_downloaded_folder(downloaded, capsys):
-    assert verify_main([str(downloaded[0])]) == 0
+    assert verify.main([str(downloaded[0])]) == 0
     assert f"OK: {len(EXPECTED_FILES) - 1} files" in capsys.readouterr().out
 
 
@@ -416,7 +424,7 @@ def test_pipeline_loads_the_converted_folder_and_runs(downloaded):
         assert {t.dtype for t in ours.values() if t.is_floating_point()} == {torch.float32}, key
         # The published weights, rounded to their serving dtypes (a no-op for every network
         # published in float16, which is all of them but T5).
-        dtype_of = serving_dtype_rule(REFERENCE_WEIGHTS, component(key))
+        dtype_of = network_dtype_rule(REFERENCE_WEIGHTS, component(key), SERVING)
         assert all(torch.equal(ours[name], theirs[name].to(dtype_of(name, theirs[name].dtype)).to(ours[name].dtype))
                    for name in ours), key
     converted.set_progress_bar_config(disable=True)
@@ -751,11 +759,11 @@ def test_dockerignore_keeps_the_weights_and_drops_caches_and_test_artefacts():
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert not [p for p in patterns if p.startswith("!")]
     for kept in ("weights/manifest.json", "weights/show-1-base/unet/diffusion_pytorch_model.safetensors",
-                 "show1/weights/download.py", "show1/components.py", "predict.py", "script/download-weights", "requirements.txt"):
+                 "show1/weights/preparation/download.py", "show1/components.py", "predict.py", "script/download-weights", "requirements.txt"):
         assert not dockerignored(kept, patterns), kept
     for dropped in ("weights/show-1-sr2/.cache/huggingface/download/unet/x.incomplete",
                     "weights/show-1-base/unet/.partial-0a1b2c3d-diffusion_pytorch_model.safetensors",
-                    ".venv/bin/python", "show1/weights/__pycache__/download.cpython-311.pyc", ".git/HEAD",
+                    ".venv/bin/python", "show1/weights/preparation/__pycache__/download.cpython-311.pyc", ".git/HEAD",
                     "tests/fixtures/reference/weights/show-1-base/model_index.json", "outputs/video.mp4",
                     ".pytest_cache/README.md", "bench/random_weights.py", "bench/configs/tiny.json"):
         assert dockerignored(dropped, patterns), dropped

@@ -2,7 +2,7 @@
 in its planned dtype, and the networks' half-precision outputs stay near float32.
 
 float16 is emulated on this CPU and slow, so the stages run on small crops with 1-2 steps. The
-numbers printed here (-s) are the ones README 'Fidelity' quotes.
+numbers printed here (-s) are the ones docs/fidelity.md, 'Half precision', quotes.
 """
 
 import pytest
@@ -11,11 +11,11 @@ import torch
 from conftest import REFERENCE_WEIGHTS, expected
 from show1 import Show1Pipeline
 from show1.components import NETWORKS, component
-from show1.pipeline import NonFiniteOutputError, check_finite
+from show1.failures import NonFiniteOutputError, check_finite
 from show1.stages import first_frame, interpolation, keyframes, sr1, sr2
 from show1.stages.text import encode_clip, encode_t5
 from show1.weights.loading import load_component
-from test_unet import load_unet
+from test_unet import float32_forward, forward, load_unet
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 PROMPT = "a panda taking a selfie"
@@ -105,23 +105,18 @@ def test_sr2_in_half_precision(half_pipeline, monkeypatch):
 # --- half precision against float32, network by network ------------------------------------
 
 # Mean error of a half-precision forward relative to the float32 output's mean magnitude, on the
-# reference fixture inputs (README 'Fidelity': float16 measured at 5.4e-3, 3.2e-3, 3.4e-3, 2.5e-2,
-# 2.1e-3); the bounds leave about 2x headroom. A wrong network (another head split) is off by
+# reference fixture inputs (docs/fidelity.md, 'Half precision': float16 at 5.4e-3, 3.2e-3,
+# 3.4e-3, 2.5e-2, 2.1e-3); the bounds leave about 2x headroom. A wrong network (another head split) is off by
 # order 1, and bfloat16 is about 10x further than float16 on every UNet.
 UNET_FLOAT16_BOUNDS = {"if2": 1e-2, "base": 6e-3, "interpolation": 6e-3, "sr1": 5e-2, "sr2": 4e-3}
 
 
 def unet_output(name, dtype):
-    """One forward of UNet `name` loaded in `dtype`, on the reference fixture's inputs, as float32."""
-    unet = load_unet(name, dtype)
-    data = expected(f"unet_{name}")
-    class_labels = torch.from_numpy(data["class_labels"]) if "class_labels" in data else None
-    with torch.no_grad():
-        out = unet(
-            torch.from_numpy(data["sample"]).to(dtype), torch.from_numpy(data["timestep"]),
-            encoder_hidden_states=torch.from_numpy(data["encoder_hidden_states"]).to(dtype), class_labels=class_labels,
-        ).sample
-    return out.float()
+    """One forward of UNet `name` loaded in `dtype`, on the reference fixture's inputs, as float32.
+    The float32 one is test_unet's, computed once for both modules."""
+    if dtype == torch.float32:
+        return float32_forward(name)
+    return forward(name, load_unet(name, dtype))
 
 
 @pytest.mark.parametrize("name", sorted(UNET_FLOAT16_BOUNDS))
@@ -169,7 +164,8 @@ def test_a_non_finite_stage_output_raises_naming_the_stage():
     assert check_finite("keyframes", finite) is finite
 
 
-def test_the_pipeline_stops_at_the_first_stage_with_nan(tiny_pipeline, monkeypatch):
+def test_the_pipeline_stops_at_the_first_stage_with_nan(tiny_pipeline, small_keyframes, monkeypatch):
+    # Small keyframes (conftest.SMALL_KEYFRAMES): where a video stops does not depend on its size.
     unet = tiny_pipeline.components.interpolation.unet
     original_forward = unet.forward
 

@@ -15,6 +15,7 @@ from show1.files import written_atomically
 from show1.weights import manifest
 from show1.weights.layout import WeightsError, required_files
 from show1.weights.manifest import check_manifest_sizes, read_manifest, verify_manifest, write_manifest
+from show1.weights.preparation import verify
 
 VERIFY_SCRIPT = Path(__file__).resolve().parent.parent / "script" / "verify-weights"
 
@@ -79,7 +80,7 @@ def test_manifest_is_not_written_for_an_incomplete_folder(weights):
 
 
 def test_verify_accepts_an_intact_folder(weights, capsys):
-    assert manifest.verify_main([str(weights)]) == 0
+    assert verify.main([str(weights)]) == 0
     assert f"OK: {len(required_files(weights))} files in {weights} match manifest.json" in capsys.readouterr().out
 
 
@@ -96,7 +97,7 @@ def test_verify_script_names_a_truncated_file(weights):
 def test_verify_names_the_damaged_file(weights, damage, capsys):
     path, harm, expected = DAMAGE[damage]
     harm(weights / path)
-    assert manifest.verify_main([str(weights)]) == 1
+    assert verify.main([str(weights)]) == 1
     err = capsys.readouterr().err
     assert expected in err
     assert err.count("\n  - ") == 1
@@ -113,7 +114,7 @@ def test_verify_names_every_damaged_file_at_once(weights):
 
 def test_verify_without_a_manifest_says_how_to_get_one(tmp_path, capsys):
     shutil.copytree(REFERENCE_WEIGHTS, tmp_path / "weights")
-    assert manifest.verify_main([str(tmp_path / "weights")]) == 1
+    assert verify.main([str(tmp_path / "weights")]) == 1
     err = capsys.readouterr().err
     assert "manifest.json does not exist" in err and "script/download-weights" in err
 

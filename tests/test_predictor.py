@@ -124,20 +124,24 @@ def test_the_serving_precision_is_float16_for_every_network():
     assert len(NETWORKS) == 8 and {network.serving_dtype for network in NETWORKS} == {torch.float16}
 
 
-def test_low_memory_mode_on_small_gpus_or_when_asked(monkeypatch):
+# Total memory as torch reports it on Replicate's GPUs (GiB) -> the plan predict.py picks.
+GPU_PLANS = {14.7: "low_memory", 22.0: "low_memory", 39.6: "resident", 44.4: "resident", 79.2: "resident"}
+
+
+def test_each_gpu_gets_the_fastest_plan_its_memory_holds_unless_told(monkeypatch):
     monkeypatch.delenv("SHOW1_LOW_MEMORY", raising=False)
-    assert predict.use_low_memory("cpu") is False
-    for total_gib, expected in ((24, True), (80, False)):
-        properties = type("Properties", (), {"total_memory": total_gib * 2**30})
+    assert predict.execution_plan("cpu").name == "resident"
+    for total_gib, expected in GPU_PLANS.items():
+        properties = type("Properties", (), {"total_memory": int(total_gib * 2**30)})
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, p=properties: p)
-        assert predict.use_low_memory("cuda") is expected
+        assert predict.execution_plan("cuda").name == expected, total_gib
     monkeypatch.setenv("SHOW1_LOW_MEMORY", "0")
-    assert predict.use_low_memory("cuda") is False
+    assert predict.execution_plan("cuda").name == "resident"
     monkeypatch.setenv("SHOW1_LOW_MEMORY", "1")
-    assert predict.use_low_memory("cpu") is True
+    assert predict.execution_plan("cpu").name == "low_memory"
     monkeypatch.setenv("SHOW1_LOW_MEMORY", "yes please")
     with pytest.raises(ValueError, match="SHOW1_LOW_MEMORY must be 0 or 1"):
-        predict.use_low_memory("cuda")
+        predict.execution_plan("cuda")
 
 
 def test_setup_names_what_is_missing_and_how_to_fetch_it(monkeypatch, tmp_path):
@@ -213,6 +217,29 @@ def test_out_of_memory_frees_memory_explains_what_to_do_and_the_next_prediction_
     assert "output_stage" in message and "next prediction" in message
     assert released == [out_of_memory]
     assert list(predictor.output_dir.iterdir()) == []
+
+    monkeypatch.undo()
+    assert run(predictor).is_file()
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+])
+def test_out_of_memory_inside_a_stage_names_that_stage_and_logs_the_allocators_words(
+        predictor, monkeypatch, released, capsys, error):
+    unet = predictor.pipe.components.interpolation.unet
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(unet, "forward", out_of_memory)
+    with pytest.raises(RuntimeError) as raised:
+        run(predictor, output_stage="interpolated")
+    assert raised.value is not error
+    assert "The GPU ran out of memory in stage interpolation" in str(raised.value)
+    assert f"GPU out of memory in stage interpolation: {error}" in capsys.readouterr().out
+    assert released == [error]
 
     monkeypatch.undo()
     assert run(predictor).is_file()

@@ -132,7 +132,7 @@ def meta(*shape):
 
 
 # TFLOP of one forward at the reference shapes (batch 2 for guidance), from
-# the FLOP table in README.md (Performance). Matching these to 2 decimals is strong evidence that
+# the FLOPs in docs/performance.md, 'Measurements'. Matching these to 2 decimals is strong evidence that
 # the sizes (and the head arithmetic's inputs) are right.
 FLOP_TABLE = {
     "show-1-base": ((2, 3, 8, 40, 64), None, 10.47),

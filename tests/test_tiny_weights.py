@@ -16,13 +16,14 @@ from bench.random_weights import tiny_repos
 from show1 import Show1Pipeline
 from show1.components import COMPONENTS, DIFFUSERS_MODEL, NETWORKS, TRANSFORMERS_MODEL, component
 from show1.models import UNet3DConditionModel
-from show1.weights.download import download_weights
 from show1.weights.layout import component_dir, required_files, resolve_weight_files
-from show1.weights.loading import read_state_dict, serving_dtype_rule
+from show1.weights.loading import read_state_dict
 from show1.weights.manifest import verify_manifest
-from show1.weights.sources import LocalSource
+from show1.weights.preparation.conversion import SERVING, network_dtype_rule
+from show1.weights.preparation.download import download_weights
+from show1.weights.preparation.sources import LocalSource
 
-from conftest import REFERENCE_WEIGHTS
+from conftest import FAST, REFERENCE_WEIGHTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "make-tiny-weights"
@@ -226,7 +227,7 @@ def test_download_weights_stores_generated_weights_in_their_serving_dtypes(runs,
     verify_manifest(weights_dir)
     for key in NETWORK_KEYS:
         published, stored = network_state(mirror, key), network_state(weights_dir, key)
-        dtype_of = serving_dtype_rule(weights_dir, component(key))
+        dtype_of = network_dtype_rule(weights_dir, component(key), SERVING)
         assert published.keys() == stored.keys(), key
         for name, tensor in published.items():
             assert stored[name].dtype == dtype_of(name, tensor.dtype), name
@@ -244,11 +245,12 @@ def test_the_pipeline_loads_the_other_format(runs):
     assert list(pipe.components.loaded) == list(COMPONENTS)
 
 
-def test_the_pipeline_runs_on_generated_weights(runs):
+def test_the_pipeline_runs_on_generated_weights(runs, small_keyframes):
+    # Small keyframes (conftest.SMALL_KEYFRAMES): that the generated weights load and compute a
+    # video does not depend on its size.
     pipe = Show1Pipeline.from_pretrained(runs["seed0"], device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    result = pipe(PROMPT, seed=0, keyframe_steps=1, interpolation_steps=1, first_frame_steps=1, sr1_steps=1,
-                  sr2_steps=2, output_stage="interpolated")
-    assert result.frames.shape == (29, 40, 64, 3)
+    result = pipe(PROMPT, seed=0, output_stage="interpolated", **FAST)
+    assert result.frames.shape == (29, *small_keyframes, 3)
     assert result.frames.dtype == np.uint8
     assert result.frames.std() > 0

@@ -83,9 +83,9 @@ def weights_folder(tiny: bool) -> Path:
     # Each of the five weight repos has a model_index.json at its top.
     if not any(folder.glob("*/model_index.json")):
         raise Failure(
-            f"No weights in {folder}. Fetch them with script/download-weights (about 25-34 GB; see\n"
-            "README 'Weights'), set SHOW1_WEIGHTS to a folder that holds them, or try the pipeline on\n"
-            "the tiny test weights with --tiny (noise, not a picture)."
+            f"No weights in {folder}. Fetch them with script/download-weights (about 34 GB fetched,\n"
+            "26.5 GB on disk; see docs/weights.md), set SHOW1_WEIGHTS to a folder that holds them, or try\n"
+            "the pipeline on the tiny test weights with --tiny (noise, not a picture)."
         )
     return folder
 

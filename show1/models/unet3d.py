@@ -23,6 +23,7 @@ from diffusers.models.transformers.transformer_temporal import TransformerTempor
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..attention import use_padded_attention
 from .blocks import BlockOptions, LevelOptions, Show1DownBlock, Show1MidBlock, Show1UpBlock
 
 
@@ -217,6 +218,9 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(
             block_out_channels[0], out_channels, kernel_size=conv_out_kernel, padding=(conv_out_kernel - 1) // 2
         )
+        # Heads of 5 to 20 channels would only run on the flash kernel (sm80+); padded, every fused
+        # kernel takes them (show1.attention).
+        use_padded_attention(self)
 
     def embed_conditions(self, timestep, class_labels, encoder_hidden_states, batch, dtype):
         """One embedding vector per video: time (+ class) (+ pooled raw text), [B, D]."""

@@ -20,6 +20,8 @@ def run(parts, text, frame, *, steps, guidance, noise_level, seed, progress=iter
     shape = (1, unet.config.in_channels // 2, 1, height, width)
     sample, generator = initial_noise(scheduler, steps, shape, seed, unet.device)
     condition = noised_upscale(frame, height, width, noise_level, parts.noising_scheduler, generator)
+    # The generator's remaining draws are the DDPM steps' noise, which guided_denoise draws before
+    # its loop (show1.step_noise), in step order: the reference drew the same numbers step by step.
     return guided_denoise(
         unet, scheduler, sample, scheduler.timesteps, guidance, text, condition=condition, noise_level=noise_level,
         generator=generator, progress=progress,

@@ -15,7 +15,18 @@ UPSCALE, WINDOW, STRIDE = 4, 8, 7
 
 
 def window_starts(num_frames):
-    return list(range(0, num_frames - WINDOW + 1, STRIDE))
+    """Where each window starts: every STRIDE frames, so that consecutive windows share one frame and
+    the last ends on the last frame. That tiles exactly 7k + 1 frames (k >= 1), 29 in the pipeline.
+    Any other count is refused: the last frames would be left out, and a last window shifted back
+    to the end would overlap by more than the one frame it is anchored on, and redo frames that
+    already chained into the video."""
+    if num_frames < WINDOW or (num_frames - 1) % STRIDE:
+        raise ValueError(
+            f"sr1 needs a frame count of {STRIDE}k + 1 ({WINDOW}, {WINDOW + STRIDE}, {WINDOW + 2 * STRIDE}, "
+            f"{WINDOW + 3 * STRIDE}, ...) to cover the video with windows of {WINDOW} frames overlapping "
+            f"by one; got {num_frames} frames"
+        )
+    return list(range(0, num_frames - 1, STRIDE))
 
 
 def run(parts, text, video, first_frame, *, steps, guidance, noise_level, seed, progress=iter) -> torch.Tensor:
@@ -25,10 +36,11 @@ def run(parts, text, video, first_frame, *, steps, guidance, noise_level, seed, 
     device = unet.device
     video = video.to(device=device, dtype=torch.float32)
     batch, channels, num_frames, h, w = video.shape
+    starts = window_starts(num_frames)  # first, so that a frame count it cannot tile fails at once
     height, width = h * UPSCALE, w * UPSCALE
     output = video.new_zeros((batch, channels, num_frames, height, width))
     anchor = first_frame.to(device=device, dtype=torch.float32)
-    for start in window_starts(num_frames):
+    for start in starts:
         if start > 0:
             anchor = output[:, :, start : start + 1]
         sample, generator = initial_noise(scheduler, steps, (batch, channels, WINDOW, height, width), seed, device)

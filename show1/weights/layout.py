@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from ..components import COMPONENTS, HUB_REPOS, TOKENIZER_OPTIONAL_FILES
 
-DOWNLOAD_HINT = "Run `script/download-weights {weights_dir}` to fetch the weights (see README.md, 'Weights')."
+DOWNLOAD_HINT = "Run `script/download-weights {weights_dir}` to fetch the weights (see docs/weights.md)."
 
 
 class WeightsError(FileNotFoundError):

@@ -8,27 +8,15 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from ..attention import use_padded_attention
 from ..components import DIFFUSERS_MODEL
 from ..models import UNet3DConditionModel
-from ..precision import tensor_dtype
+from ..precision import tensor_dtype_rule
 from .layout import WeightsError, component_dir, resolve_weight_files, stored_dtypes
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the network its config describes."""
-
-
-def tensor_dtype_rule(cls, dtype):
-    """rule(name, stored_dtype): the dtype a checkpoint tensor has in a `cls` model that runs in
-    `dtype`: the float32 modules its class declares stay float32 (show1.precision), integer and
-    boolean buffers keep their dtype. With dtype None every tensor keeps its stored dtype."""
-
-    def rule(name, stored_dtype):
-        if dtype is None or not stored_dtype.is_floating_point:
-            return stored_dtype
-        return tensor_dtype(name, cls, dtype)
-
-    return rule
 
 
 def checkpoint_files(files) -> list:
@@ -87,7 +75,11 @@ def build_network(cls, config):
     """A `cls` network built at `config` (default initialisation, on the current default device)."""
     if issubclass(cls, transformers.PreTrainedModel):
         return cls(cls.config_class.from_dict(config))
-    return cls.from_config(config)
+    network = cls.from_config(config)
+    if cls is diffusers.UNet2DConditionModel:
+        # IF-II (first_frame) attends like the Show-1 UNets, which pad their heads themselves.
+        use_padded_attention(network)
+    return network
 
 
 def load_diffusers_model(cls, folder, dtype=None, device="cpu"):
@@ -144,11 +136,6 @@ def component_class(weights_dir, component):
     """The class that the repo's model_index.json names for a component, mapped to this project."""
     index_path = Path(weights_dir) / component.repo / "model_index.json"
     return class_in_model_index(json.loads(index_path.read_text()), component.folder, index_path)
-
-
-def serving_dtype_rule(weights_dir, component):
-    """rule(name, stored_dtype) for a network's tensors in its serving dtype (see tensor_dtype_rule)."""
-    return tensor_dtype_rule(component_class(weights_dir, component), component.serving_dtype)
 
 
 def load_transformers_model(cls, folder, dtype, device):

@@ -1,5 +1,6 @@
 """The weights manifest: path, size and sha256 of every file the cascade reads, the dtypes of the
-tensors in each checkpoint, and the precision the folder was stored in (see show1.weights.download).
+tensors in each checkpoint, and the precision the folder was stored in (see
+show1.weights.preparation.download). Its format is written and read here only.
 
 `script/download-weights` writes DIR/manifest.json once the weights are complete. Two checks read it:
 - `verify_manifest` (script/verify-weights) re-hashes every file: slow on 25+ GB, catches any change;
@@ -7,21 +8,16 @@ tensors in each checkpoint, and the precision the folder was stored in (see show
   truncated files, which is what an interrupted copy or a full disk leaves behind.
 """
 
-import argparse
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from ..files import written_atomically
 from .layout import DOWNLOAD_HINT, WeightsError, is_checkpoint, required_files, stored_dtypes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2  # 2: dtypes and precision recorded
-PROJECT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 REPAIR_HINT = "Run `script/download-weights {weights_dir}` to fetch them again (only broken files are re-fetched)."
 
 
@@ -165,35 +161,3 @@ def verify_manifest(weights_dir, on_bytes=None) -> list:
     needed = [p.relative_to(weights_dir).as_posix() for p in required_files(weights_dir)]
     _raise_problems(weights_dir, [f"{p}: read by the cascade but not in the manifest" for p in needed if p not in listed])
     return entries
-
-
-def format_size(size) -> str:
-    """Bytes in decimal units, as the Hub shows file sizes."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1000
-
-
-def _parse_verify_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="script/verify-weights",
-        description="Check every Show-1 weights file against DIR/manifest.json (sizes and sha256).",
-    )
-    parser.add_argument("weights_dir", nargs="?", type=Path, default=PROJECT_WEIGHTS_DIR,
-                        help="the weights folder (default: weights/ of this project)")
-    return parser.parse_args(argv)
-
-
-def verify_main(argv=None) -> int:
-    """script/verify-weights: exit status 0 when every file matches, 1 naming every bad file."""
-    weights_dir = _parse_verify_args(argv).weights_dir
-    try:
-        total = sum(e.size for e in read_manifest(weights_dir))
-        with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", file=sys.stderr) as bar:
-            entries = verify_manifest(weights_dir, bar.update)
-    except WeightsError as error:
-        print(error, file=sys.stderr)
-        return 1
-    print(f"OK: {len(entries)} files in {weights_dir} match {MANIFEST_NAME} ({format_size(total)} verified)")
-    return 0

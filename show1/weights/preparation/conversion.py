@@ -8,11 +8,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..components import NETWORKS
-from ..files import written_atomically
-from .layout import is_checkpoint, is_pickle_index, safetensors_name
-from .loading import build_network, class_in_model_index, serving_dtype_rule, tensor_dtype_rule
-from .manifest import dtype_names
+from ...components import NETWORKS
+from ...files import written_atomically
+from ...precision import tensor_dtype_rule
+from ..layout import is_checkpoint, is_pickle_index, safetensors_name
+from ..loading import build_network, class_in_model_index, component_class
+from ..manifest import dtype_names
 from .sources import DownloadError, read_source_json
 
 
@@ -145,8 +146,11 @@ def convert_index(index_path) -> Path:
 
 
 def network_dtype_rule(weights_dir, component, precision):
-    """rule(name, stored_dtype) of the dtypes a network's checkpoint is stored in."""
-    return serving_dtype_rule(weights_dir, component) if precision == SERVING else keep_dtype
+    """rule(name, stored_dtype) of the dtypes a network's checkpoint is stored in: its serving
+    dtype (show1.precision.tensor_dtype_rule), or as published."""
+    if precision != SERVING:
+        return keep_dtype
+    return tensor_dtype_rule(component_class(weights_dir, component), component.serving_dtype)
 
 
 def current_file(path) -> Path:

@@ -22,7 +22,16 @@ from pathlib import Path
 from huggingface_hub import get_token
 from tqdm import tqdm
 
-from ..components import COMPONENTS, HUB_REPOS
+from ...components import COMPONENTS, HUB_REPOS
+from ..layout import WeightsError, component_files, is_checkpoint, is_pickle_index, required_files, safetensors_name
+from ..manifest import (
+    file_sha256,
+    find_problems,
+    manifest_path,
+    manifest_precision,
+    read_manifest,
+    write_manifest,
+)
 from .conversion import (
     CONVERTED_FROM,
     CONVERTED_FROM_SIZE,
@@ -33,18 +42,18 @@ from .conversion import (
     convert_networks,
     serving_sizes,
 )
-from .layout import WeightsError, component_files, is_checkpoint, is_pickle_index, required_files, safetensors_name
-from .manifest import (
-    PROJECT_WEIGHTS_DIR,
-    file_sha256,
-    find_problems,
-    format_size,
-    manifest_path,
-    manifest_precision,
-    read_manifest,
-    write_manifest,
-)
 from .sources import DownloadError, HubSource, LocalSource, SourceFile, read_source_json
+
+# Where script/download-weights and script/verify-weights look by default: weights/ of this project.
+PROJECT_WEIGHTS_DIR = Path(__file__).resolve().parents[3] / "weights"
+
+
+def format_size(size) -> str:
+    """Bytes in decimal units, as the Hub shows file sizes."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
 
 
 # Which files
@@ -228,7 +237,7 @@ def _parse_args(argv):
         prog="script/download-weights",
         description="Download the Show-1 weights (only the files the cascade reads), store every network "
         "as safetensors in the dtype it runs in on a GPU and write DIR/manifest.json. Safe to re-run: it resumes and skips "
-        "what is already there. The DeepFloyd repo is gated: set HF_TOKEN (see README.md, 'Weights').",
+        "what is already there. The DeepFloyd repo is gated: set HF_TOKEN (see docs/weights.md).",
     )
     parser.add_argument("weights_dir", nargs="?", type=Path, default=PROJECT_WEIGHTS_DIR,
                         help="where to put the weights (default: weights/ of this project)")

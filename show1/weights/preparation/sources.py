@@ -13,8 +13,8 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
 from tqdm import tqdm
 
-from ..components import HUB_REPOS
-from ..files import written_atomically
+from ...components import HUB_REPOS
+from ...files import written_atomically
 
 HUB_URL = "https://huggingface.co"
 COPY_CHUNK = 8 << 20
