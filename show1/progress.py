@@ -184,7 +184,8 @@ def progress_line(progress: StepProgress, elapsed: float) -> str:
 class ProgressLog:
     """A step callback (`callback_on_step_end(pipe, progress)`) that prints the prediction's
     progress as log lines (progress_line): after every `every_percent` of the work, whenever
-    `every_seconds` have passed since the last line, and once at 100%. Each is a whole line,
+    `every_seconds` have passed since the last line (as a step ends: a step is not interrupted
+    to log), and once at 100%. Each is a whole line,
     without the carriage returns a tqdm bar redraws with, so that logs stay readable and
     Replicate reads the last one as the prediction's progress. Elapsed time counts from the
     callback's creation: make one per prediction, just before it starts."""

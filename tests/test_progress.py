@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bench.gpu_check import run_cascade
-from bench.step_flops import step_gflops
 from bench.step_clock import short_run_settings
+from bench.step_flops import step_gflops
 from show1 import Show1Pipeline
 from show1.failures import failed_stage
 from show1.progress import (
@@ -19,7 +19,9 @@ from show1.settings import Show1Settings
 # replicate-javascript's parseProgressFromLogs: the last log line that matches is the progress.
 REPLICATE_PROGRESS = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)")
 # A few steps in each stage up to sr1, which runs them in each of its 4 windows. (sr2 is left out:
-# on the tiny weights it takes minutes on this CPU; the Cog server tests count its steps.)
+# on the tiny weights it takes minutes on this CPU; the Cog server tests count its steps.) The
+# pipeline tests run on small keyframes (conftest.small_keyframes): progress does not depend on the
+# frame size.
 FEW_STEPS = {"keyframe_steps": 3, "interpolation_steps": 2, "first_frame_steps": 1, "sr1_steps": 1, "output_stage": "sr1"}
 
 
@@ -49,22 +51,21 @@ class FakeClock:
         return self.now
 
 
-def simulate(progress: PredictionProgress, seconds_per_gflop=0.0, clock=None):
+def simulate(progress: PredictionProgress, clock: FakeClock, seconds_per_gflop: float):
     """Walks every loop of every planned stage as the stages do, the clock moving by each step's cost."""
     for stage, work in progress.work.items():
         steps = progress.steps(stage)
         for _ in range(work.loops):
             for _ in steps(range(work.steps)):
-                if clock:
-                    clock.now += work.step_work * seconds_per_gflop
+                clock.now += work.step_work * seconds_per_gflop
 
 
-def logged_lines(settings=Show1Settings(), seconds_per_gflop=1e-6):
-    """The lines ProgressLog writes over a simulated prediction at `settings`, and the clock."""
+def logged_lines(settings=Show1Settings(), seconds_per_gflop=1e-6) -> list:
+    """The lines ProgressLog writes over a simulated prediction at `settings`."""
     lines, clock = [], FakeClock()
     log = ProgressLog(clock=clock, write=lines.append)
-    simulate(PredictionProgress(planned_work(settings), on_step_end=[lambda p: log(None, p)]), seconds_per_gflop, clock)
-    return lines, clock
+    simulate(PredictionProgress(planned_work(settings), on_step_end=[lambda p: log(None, p)]), clock, seconds_per_gflop)
+    return lines
 
 
 # --- the weights -------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_a_line_reads_as_replicate_progress_and_names_the_stage_and_step():
 
 
 def test_a_prediction_logs_a_line_every_two_percent_and_ends_at_100():
-    lines, _ = logged_lines()
+    lines = logged_lines()
     assert all("\r" not in line and "\n" not in line for line in lines)
     assert_one_bar_to_the_end("\n".join(lines))
     percents = [percent for percent, _, _ in replicate_progress("\n".join(lines))]
@@ -123,13 +124,13 @@ def test_a_prediction_logs_a_line_every_two_percent_and_ends_at_100():
 def test_slow_progress_gets_a_line_at_least_every_ten_seconds():
     # At 0.1 ms per GFLOP an sr1 step takes 2.6 s and moves the bar by 0.13%: 2% takes 39 s, so
     # the lines come from the clock. A line comes with the first step that ends 10 s after the last.
-    lines, _ = logged_lines(seconds_per_gflop=1e-4)
+    lines = logged_lines(seconds_per_gflop=1e-4)
     elapsed = [0] + [seconds(line) for line in lines]
     longest_step = 1e-4 * max(STEP_GFLOPS.values())
     assert max(b - a for a, b in zip(elapsed, elapsed[1:])) <= 10 + longest_step + 1  # lines show whole seconds
     assert_one_bar_to_the_end("\n".join(lines))
     # A step longer than 10 s gets a line of its own.
-    lines, _ = logged_lines(Show1Settings(output_stage="keyframes"), seconds_per_gflop=1e-3)
+    lines = logged_lines(Show1Settings(output_stage="keyframes"), seconds_per_gflop=1e-3)
     assert len(lines) == 75
 
 
@@ -142,17 +143,10 @@ def seconds(line) -> int:
 # --- the pipeline's callbacks --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def few_steps_run(tiny_pipeline):
-    """One prediction with FEW_STEPS: what each callback was told."""
+def test_the_callback_is_called_once_per_step_with_the_right_counts(tiny_pipeline, small_keyframes):
     begun, ended = [], []
     tiny_pipeline("a red panda", seed=1, callback_on_step_begin=lambda pipe, p: begun.append(p),
                   callback_on_step_end=lambda pipe, p: ended.append((pipe, p)), **FEW_STEPS)
-    return begun, ended
-
-
-def test_the_callback_is_called_once_per_step_with_the_right_counts(few_steps_run, tiny_pipeline):
-    begun, ended = few_steps_run
     assert all(pipe is tiny_pipeline for pipe, _ in ended)
     ended = [p for _, p in ended]
     expected = (
@@ -173,7 +167,7 @@ def test_the_callback_is_called_once_per_step_with_the_right_counts(few_steps_ru
     assert [p.work_done for p in begun] == [0] + [p.work_done for p in ended[:-1]]
 
 
-def test_an_exception_in_the_callback_stops_the_prediction_cleanly(tiny_pipeline):
+def test_an_exception_in_the_callback_stops_the_prediction_cleanly(tiny_pipeline, small_keyframes):
     class Stop(Exception):
         pass
 
@@ -194,11 +188,11 @@ def test_an_exception_in_the_callback_stops_the_prediction_cleanly(tiny_pipeline
     assert failed_stage(stopped.value) == "interpolation"
     # The pipeline is as good as before.
     output = tiny_pipeline("a red panda", seed=1, output_stage="keyframes", keyframe_steps=1)
-    assert output.frames.shape == (8, 40, 64, 3)
+    assert output.frames.shape == (8, *small_keyframes, 3)
 
 
 def test_the_library_bar_is_one_tqdm_bar_to_100_percent_closed_however_the_prediction_ends(
-    tiny_pipeline, capsys, monkeypatch
+    tiny_pipeline, small_keyframes, capsys, monkeypatch
 ):
     pipe = Show1Pipeline(tiny_pipeline.components, "cpu", torch.float32)
     pipe.set_progress_bar_config(ncols=100)
@@ -230,11 +224,11 @@ def test_the_library_bar_is_one_tqdm_bar_to_100_percent_closed_however_the_predi
 # --- gpu-check -----------------------------------------------------------------------------------
 
 
-def test_gpu_check_times_every_step_through_the_public_callbacks(tiny_pipeline):
-    # The reference plan runs interpolation one segment per call: 7 loops of 2 steps.
-    settings = {**short_run_settings(2), "output_stage": "interpolated"}
+def test_gpu_check_times_every_step_through_the_public_callbacks(tiny_pipeline, small_keyframes):
+    # The reference plan runs interpolation one segment per call: 7 loops, each timed on its own.
+    settings = {**short_run_settings(1), "output_stage": "interpolated"}
     run = run_cascade("reference", tiny_pipeline.components, "cpu", torch.float32, settings)
     assert run.error is None
     loops = {stage: [len(loop) for loop in steps.loops] for stage, steps in run.stages.items()}
-    assert loops == {"text": [], "keyframes": [2], "interpolation": [2] * 7}
+    assert loops == {"text": [], "keyframes": [1], "interpolation": [1] * 7}
     assert all(seconds > 0 for steps in run.stages.values() for loop in steps.loops for seconds in loop)
