@@ -411,11 +411,12 @@ def test_transformers_load_the_converted_text_encoders(downloaded, downloaded_pu
     assert clip.dtype == torch.float16
 
 
-def test_pipeline_loads_the_converted_folder_and_runs(downloaded):
+def test_pipeline_loads_the_converted_folder_and_runs(downloaded, tiny_pipeline):
     from show1 import Show1Pipeline
 
     converted = Show1Pipeline.from_pretrained(downloaded[0], device="cpu", dtype=torch.float32)
-    original = Show1Pipeline.from_pretrained(REFERENCE_WEIGHTS, device="cpu", dtype=torch.float32)
+    # The fixture's folder as loaded once for the session: from_pretrained(REFERENCE_WEIGHTS, "cpu", float32).
+    original = tiny_pipeline
     networks = [network.key for network in NETWORKS]
     assert len(converted.components.networks()) == len(networks) == 8
     for key in networks:

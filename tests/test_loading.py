@@ -169,8 +169,8 @@ def test_unknown_class_in_model_index_is_refused(weights_copy):
         Show1Pipeline.from_pretrained(weights_copy)
 
 
-def test_loads_only_what_the_cascade_uses(tiny_weights):
-    pipe = Show1Pipeline.from_pretrained(tiny_weights)
+def test_loads_only_what_the_cascade_uses(tiny_pipeline):
+    pipe = tiny_pipeline  # Show1Pipeline.from_pretrained(tiny_weights), loaded once for the session
     loaded = pipe.components.loaded
     assert list(loaded) == list(COMPONENTS)
     t5_encoders = [c for c in loaded.values() if type(c).__name__ == "T5EncoderModel"]

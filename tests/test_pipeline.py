@@ -166,9 +166,10 @@ def test_bad_input_is_refused_before_any_work(tiny_pipeline, prompt, settings, e
         tiny_pipeline(prompt, on_stage_end=lambda *_: pytest.fail("a stage ran"), **settings)
 
 
-def test_progress_bars_can_be_switched_off(tiny_pipeline, capsys):
+def test_progress_bars_can_be_switched_off(tiny_pipeline, small_keyframes, capsys):
     # A new pipeline on the session's loaded components (what from_pretrained builds, without
-    # loading the weights again) shows its bar until it is switched off.
+    # loading the weights again) shows its bar until it is switched off. Small keyframes
+    # (conftest.SMALL_KEYFRAMES): the bar does not depend on the frame size.
     pipe = Show1Pipeline(tiny_pipeline.components, tiny_pipeline.device, tiny_pipeline.dtype)
     pipe("a car", seed=0, output_stage="keyframes", keyframe_steps=2)
     assert "keyframes" in capsys.readouterr().err
