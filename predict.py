@@ -200,6 +200,8 @@ class Predictor(BasePredictor):
                 negative_prompt=negative_prompt,
                 seed=seed,
                 keyframe_steps=keyframe_steps,
+                # The one guidance input is the keyframe stage's (as the reference's guidance_scale);
+                # the other stages keep the reference's own values (show1.settings).
                 keyframe_guidance=guidance_scale,
                 interpolation_steps=interpolation_steps,
                 first_frame_steps=first_frame_steps,

@@ -49,13 +49,13 @@ def peak_host_memory_bytes() -> int:
 def place_networks(components, plan, device):
     """Networks where plan `plan` (a PLANS name) keeps them between stages."""
     for network in components.networks():
-        network.to(PLANS[plan].home(device))
+        network.to(PLANS[plan].idle_device(device))
 
 
-def run_plan(name, components, device, dtype, settings) -> PlanResult:
+def run_plan(name, components, device, settings) -> PlanResult:
     """The cascade once under plan `name`. The networks start where the plan keeps them."""
     place_networks(components, name, device)
-    pipe = Show1Pipeline(components, device, dtype, PLANS[name])
+    pipe = Show1Pipeline(components, device, PLANS[name])
     pipe.set_progress_bar_config(disable=True)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -96,10 +96,10 @@ def benchmark(plans, size, device, dtype, settings, warmup_settings=None, seed=0
     out(f"built {size} networks with random weights on {device} ({dtype}) in {time.perf_counter() - started:.1f} s")
     out(format_weights(components))
     if warmup_settings is not None:
-        run_plan(plans[0], components, device, dtype, warmup_settings)
+        run_plan(plans[0], components, device, warmup_settings)
     results = {}
     for name in plans:
-        results[name] = run_plan(name, components, device, dtype, settings)
+        results[name] = run_plan(name, components, device, settings)
         out(format_plan(results[name], device))
     if "optimized" in results and "reference" in results:
         frames = [results[name].frames.astype(float) for name in ("optimized", "reference")]

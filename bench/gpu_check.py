@@ -41,7 +41,7 @@ from .attention_census import AttentionCensus
 from .cascade import PLANS, PROMPT, place_networks, stage_weight_bytes
 from .random_weights import SIZES, random_components
 from .step_clock import StepClock, estimate_video, short_run_settings, synchronize
-from .switches import SWITCHES, UNET_STAGES, FirstCall, measure_switches
+from .switches import SWITCHES, UNET_STAGES, WARMUP_CALLS, FirstCall, measure_switches
 from .transfers import count_transfers
 from .weights_folder import write_weights_folder
 
@@ -67,12 +67,12 @@ class CascadeRun:
     error: Optional[str] = None
 
 
-def run_cascade(plan, components, device, dtype, settings, checks=False) -> CascadeRun:
+def run_cascade(plan, components, device, settings, checks=False) -> CascadeRun:
     """The whole cascade once under `plan`, with its steps timed; with `checks`, also reports which
     stages' outputs were finite (the pipeline stops at the first that is not, naming it) and counts
     attention kernels (Python hooks: not for timing)."""
     place_networks(components, plan, device)
-    pipe = Show1Pipeline(components, device, dtype, PLANS[plan])
+    pipe = Show1Pipeline(components, device, PLANS[plan])
     clock = StepClock(device)
     pipe.set_progress_bar_config(disable=True)  # the clock's timings are the report; a bar would break it up
     census = AttentionCensus() if checks else None
@@ -150,7 +150,7 @@ def gib(nbytes):
     return None if nbytes is None else nbytes / GIB
 
 
-def measure_plans(report, components, device, dtype, steps, warmup, output_stage, out=print):
+def measure_plans(report, components, device, steps, warmup, output_stage, out=print):
     """Timing runs of both plans, then the low-memory run with the checks; each stops after
     `output_stage` (show1.settings.OUTPUT_STAGES)."""
     settings = {**short_run_settings(steps), "output_stage": output_stage}
@@ -164,7 +164,7 @@ def measure_plans(report, components, device, dtype, steps, warmup, output_stage
     ):
         if name == "warm-up" and not warmup:
             continue
-        runs[name] = run_cascade(plan, components, device, dtype, run_settings, checks)
+        runs[name] = run_cascade(plan, components, device, run_settings, checks)
         out(f"ran the cascade ({name} run, plan {plan}) in {runs[name].seconds:.1f} s")
     for plan, run in runs.items():
         if run.error:
@@ -217,13 +217,14 @@ def gpu_check(args, out=print) -> Report:
     components = random_components(args.size, args.device, args.dtype, args.seed)
     out(f"built {args.size} networks with random weights on {args.device} in {time.perf_counter() - started:.1f} s")
     report.weights_gib = {stage: gib(b) for stage, b in stage_weight_bytes(components).items()}
-    first_calls = measure_plans(report, components, args.device, args.dtype, args.steps, args.warmup,
+    first_calls = measure_plans(report, components, args.device, args.steps, args.warmup,
                                args.output_stage, out)
     if not args.skip_setup:
         components = measure_setup(report, components, args.size, args.device, args.dtype, args.setup_dir)
     place_networks(components, "optimized", args.device)
     report.switches = [asdict(r) for r in measure_switches(
-        args.switches, components, first_calls, args.device, args.repeats, deadline)]
+        args.switches, components, first_calls, args.device, args.repeats, deadline,
+        WARMUP_CALLS if args.warmup else 1)]
     report.wall_s = time.perf_counter() - started
     return report
 
@@ -348,7 +349,8 @@ def parse_args(argv):
                         "disk space for all of them: about 26 GB at the published size)")
     parser.add_argument("--setup-dir", help="where the weights are written for the setup time (default: the temp folder)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="skip the warm-up run of the cascade (one step per stage)")
+                        help="skip the warm-up run of the cascade (one step per stage), and warm each switch "
+                             f"up with one forward instead of {WARMUP_CALLS} (too few for compile and cudagraphs)")
     parser.add_argument("--budget-s", type=float,
                         help=f"seconds after which switches not yet measured are skipped (default {DEFAULT_BUDGET_S} "
                              "on a GPU, none on the CPU)")

@@ -93,7 +93,7 @@ class SwitchResult:
     stage: str
     status: str  # "measured", or why not ("skipped-on-cpu", "skipped: time budget", "failed: ...")
     seconds_per_forward: Optional[float] = None
-    warmup_seconds: Optional[float] = None  # the WARMUP_CALLS first calls: compile / capture included
+    warmup_seconds: Optional[float] = None  # the warm-up calls: compile / capture included
 
 
 def timed_calls(call, device, count) -> float:
@@ -106,8 +106,9 @@ def timed_calls(call, device, count) -> float:
 
 
 @torch.no_grad()
-def measure_switch(name, stage, network, first_call, device, repeats) -> SwitchResult:
-    """Applies switch `name` to the stage's network, warms up, times `repeats` forwards."""
+def measure_switch(name, stage, network, first_call, device, repeats, warmup_calls=WARMUP_CALLS) -> SwitchResult:
+    """Applies switch `name` to the stage's network, warms up with `warmup_calls` forwards, times
+    `repeats` forwards."""
     apply, _ = SWITCHES[name]
 
     def call():
@@ -116,7 +117,7 @@ def measure_switch(name, stage, network, first_call, device, repeats) -> SwitchR
     try:
         # Under the attention kernels that serving allows (show1.pipeline runs image stages so).
         with apply(network), fused_attention(device):
-            warmup = timed_calls(call, device, WARMUP_CALLS)
+            warmup = timed_calls(call, device, warmup_calls)
             per_forward = timed_calls(call, device, repeats) / repeats
     except Exception as error:  # a switch that breaks is a finding, not the end of the check
         return SwitchResult(name, stage, f"failed: {type(error).__name__}: {str(error)[:200]}")
@@ -128,7 +129,7 @@ def switch_applies(name, stage) -> bool:
     return stages is None or stage in stages
 
 
-def measure_switches(names, components, first_calls, device, repeats, deadline) -> list:
+def measure_switches(names, components, first_calls, device, repeats, deadline, warmup_calls=WARMUP_CALLS) -> list:
     """Every applicable (switch, stage) pair, eager first. Pairs that cannot run here or would
     start after `deadline` (a perf_counter time) are reported as skipped."""
     results = []
@@ -143,5 +144,6 @@ def measure_switches(names, components, first_calls, device, repeats, deadline) 
             elif time.perf_counter() > deadline:
                 results.append(SwitchResult(name, stage, "skipped: time budget"))
             else:
-                results.append(measure_switch(name, stage, getattr(components, stage).unet, first_calls[stage], device, repeats))
+                results.append(measure_switch(name, stage, getattr(components, stage).unet, first_calls[stage], device,
+                                              repeats, warmup_calls))
     return results

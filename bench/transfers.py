@@ -21,7 +21,7 @@ from show1.components import STAGES
 from show1.offload import nbytes, pinned_footprint
 from show1.pipeline import Show1Pipeline
 
-from .fake_memory import SERVING_DTYPE, published_networks_on_meta
+from .fake_memory import published_networks_on_meta
 
 GPU = torch.device("cuda", 0)
 HOST = torch.device("cpu")
@@ -99,7 +99,7 @@ def count_transfers(plan, stages=STAGES) -> Transfers:
     `plan` (show1.plans.ExecutionPlan), counted on the pipeline's own moves."""
     networks = published_networks_on_meta()
     weight_bytes = sum(nbytes(t) for network in networks.networks() for t in [*network.parameters(), *network.buffers()])
-    pipe = Show1Pipeline(networks, GPU, SERVING_DTYPE, plan)
+    pipe = Show1Pipeline(networks, GPU, plan)
     pipe._video_stages = tuple(stages)
     ledger = CopyLedger()
     with ledger:

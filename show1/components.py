@@ -129,7 +129,8 @@ class Components:
     """Loaded components by stage: `components.sr1.unet`, `components.text.t5_tokenizer`.
 
     Built from {Component: loaded object}; each stage's attribute is a namespace with one attribute
-    per component of that stage, which is what the stage's function receives."""
+    per component of that stage: the stage's components, which its `run` receives first (the
+    `parts` of show1/stages/*.py)."""
 
     def __init__(self, loaded: dict):
         self.loaded = dict(loaded)

@@ -41,10 +41,11 @@ class Show1Output:
 
 
 class Show1Pipeline:
-    def __init__(self, components: Components, device, dtype, plan: ExecutionPlan = RESIDENT):
+    def __init__(self, components: Components, device, plan: ExecutionPlan = RESIDENT):
+        """components: every stage's loaded components (each network already in its dtype);
+        device: where the stages compute; plan: where the networks wait between their stages."""
         self.components = components
         self.device = torch.device(device)
-        self.dtype = dtype
         self.plan = plan
         self._progress_config = {}
         # The low-memory plan's host copies of the weights, made once, here (show1.offload).
@@ -60,8 +61,9 @@ class Show1Pipeline:
         check_manifest_sizes(weights_dir)
         required_files(weights_dir)
         plan = LOW_MEMORY if low_memory else RESIDENT
-        loaded = {component: load_component(weights_dir, component, plan.home(device), dtype) for component in COMPONENTS}
-        return cls(Components(loaded), device, dtype, plan)
+        loaded = {component: load_component(weights_dir, component, plan.idle_device(device), dtype)
+                  for component in COMPONENTS}
+        return cls(Components(loaded), device, plan)
 
     def set_progress_bar_config(self, **kwargs):
         """tqdm options of the prediction's progress bar (show1.progress.ProgressBar: one bar,
@@ -171,8 +173,8 @@ class Show1Pipeline:
         def run(stage, run_stage, *args, **kwargs):
             """One denoising stage on its own components, its output checked to be finite."""
             with self._stage(stage, result.timings, on_stage_end) as outputs:
-                parts = getattr(self.components, stage)
-                output = run_stage(parts, *args, progress=progress.steps(stage), **kwargs)
+                stage_components = getattr(self.components, stage)
+                output = run_stage(stage_components, *args, progress=progress.steps(stage), **kwargs)
                 return check_finite(stage, output, outputs.flag)
 
         with self._stage("text", result.timings, on_stage_end) as outputs:

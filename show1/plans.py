@@ -46,8 +46,9 @@ class ExecutionPlan:
     offload: Optional[Offload] = None
     interpolation_batch: Optional[int] = None
 
-    def home(self, device):
-        """Where the networks wait between stages: the CPU when offloading, else the device."""
+    def idle_device(self, device):
+        """Where the networks wait between their stages: the CPU when offloading, else the device
+        they compute on."""
         return "cpu" if self.offload is not None else device
 
 

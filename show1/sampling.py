@@ -1,4 +1,5 @@
-"""The guided denoising loop shared by every stage, and the noise it starts from.
+"""The guided denoising loop shared by every stage, the noise it starts from, and the noised
+condition of the pixel super-resolution stages.
 
 Every stage is the same algorithm: start from noise, and at each timestep run the network on the
 classifier-free guidance batch [unconditional, conditional] with the stage's condition
@@ -7,6 +8,7 @@ frames. The variance half of the output is kept only for schedulers that learned
 """
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from .step_noise import ddpm_step, noise_ahead, takes_noise_ahead
@@ -41,6 +43,17 @@ def frames_to_batch(video):
 def batch_to_frames(images, num_frames):
     bf, c, h, w = images.shape
     return images.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def noised_upscale(video, height, width, noise_level, noising_scheduler, generator):
+    """The condition of the pixel super-resolution stages (first_frame, sr1): the low-resolution
+    frames float32 [B, C, F, h, w], upscaled bilinearly to [B, C, F, height, width] and noised to
+    `noise_level`, so that the network learns to fix upscaling artefacts."""
+    upscaled = F.interpolate(frames_to_batch(video), (height, width), mode="bilinear", align_corners=True)
+    upscaled = batch_to_frames(upscaled, video.shape[2])
+    noise = randn(upscaled.shape, generator, upscaled.device)
+    levels = torch.full((upscaled.shape[0],), noise_level, device=upscaled.device, dtype=torch.long)
+    return noising_scheduler.add_noise(upscaled, noise, levels)
 
 
 def guidance_batch(text, batch: int) -> torch.Tensor:

@@ -22,6 +22,9 @@ FAST = {"keyframe_steps": 1, "interpolation_steps": 1, "first_frame_steps": 1, "
 # is checked on the reference chain (test_pipeline.py) and against the reference's stage outputs
 # (test_stages.py).
 SMALL_KEYFRAMES = (8, 16)
+# The final frames (height, width) of a whole video made from SMALL_KEYFRAMES: sr2 resizes to a fixed
+# size (576x320 in the product), which would make every such video pay for a full-size sr2.
+SMALL_FINAL_FRAMES = (32, 64)
 
 # The reference outputs were computed with 2 CPU threads; other counts change the last bits.
 torch.set_num_threads(2)
@@ -66,6 +69,21 @@ def reference_settings():
     return json.loads((EXPECTED / "settings.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def cog_server(tiny_weights, tmp_path_factory):
+    """Cog's HTTP server (script/serve) on the tiny weights, READY, shared by the tests that only
+    need a working server (test_cog_server.py, test_script_predict.py)."""
+    from serving import ServerUnderTest
+
+    server = ServerUnderTest(tiny_weights, tmp_path_factory.mktemp("cog-server"))
+    try:
+        health = server.wait_for_setup()
+        assert health["status"] == "READY", f"{health}\n{server.log_tail()}"
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def small_keyframes(monkeypatch):
     """The keyframes stage, and so every later one, at SMALL_KEYFRAMES for one test."""
@@ -74,3 +92,13 @@ def small_keyframes(monkeypatch):
     monkeypatch.setattr(keyframes, "HEIGHT", SMALL_KEYFRAMES[0])
     monkeypatch.setattr(keyframes, "WIDTH", SMALL_KEYFRAMES[1])
     return SMALL_KEYFRAMES
+
+
+@pytest.fixture
+def small_video(small_keyframes, monkeypatch):
+    """A whole video at SMALL_KEYFRAMES, its final frames at SMALL_FINAL_FRAMES, for one test."""
+    from show1.stages import sr2
+
+    monkeypatch.setattr(sr2, "HEIGHT", SMALL_FINAL_FRAMES[0])
+    monkeypatch.setattr(sr2, "WIDTH", SMALL_FINAL_FRAMES[1])
+    return SMALL_FINAL_FRAMES

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.benchmark import parse_args
 from bench.cascade import stage_weight_bytes
 from bench.random_weights import random_components
 from show1 import Show1Pipeline
@@ -57,14 +58,22 @@ def test_benchmark_compares_both_plans_and_prints_the_ratio_last():
     assert float(match.group(1)) == pytest.approx(totals["reference"] / totals["optimized"], abs=0.011)
 
 
-def test_benchmark_refuses_unknown_settings_and_missing_devices():
-    result = run_benchmark("--device", "cpu", "--size", "tiny", "--set", "sr3_steps=4")
-    assert result.returncode == 2 and "sr3_steps" in result.stderr
-    result = run_benchmark("--device", "cpu", "--size", "tiny", "--set", "sr1_steps=0")
-    assert result.returncode == 2 and "sr1_steps" in result.stderr
-    if not torch.cuda.is_available():
-        result = run_benchmark("--device", "cuda")
-        assert result.returncode == 2 and "--device cpu" in result.stderr
+@pytest.mark.parametrize("argv,named", [
+    (["--set", "sr3_steps=4"], "sr3_steps"),
+    (["--set", "sr1_steps=0"], "sr1_steps"),
+    (["--set", "sr1_steps=many"], "sr1_steps must be int, got 'many'"),
+])
+def test_benchmark_refuses_unknown_settings(argv, named, capsys):
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--device", "cpu", "--size", "tiny", *argv])
+    assert refused.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_benchmark_refuses_a_missing_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--device", "cuda"])
+    assert refused.value.code == 2 and "--device cpu" in capsys.readouterr().err
 
 
 def test_random_components_are_the_networks_the_pipeline_loads(tiny_pipeline):
@@ -86,10 +95,11 @@ def test_random_components_are_the_networks_the_pipeline_loads(tiny_pipeline):
     assert per_stage["keyframes"] == sum(p.numel() * 4 for p in built.keyframes.unet.parameters())
 
 
-def test_reference_plan_moves_each_stage_networks_to_the_device_only_for_that_stage(tiny_weights, monkeypatch):
+def test_reference_plan_moves_each_stage_networks_to_the_device_only_for_that_stage(tiny_weights, small_video,
+                                                                                  monkeypatch):
     # "cpu:0" stands for the GPU: the same memory, but the moves to it can be told from those back.
     loaded = Show1Pipeline.from_pretrained(tiny_weights, device="cpu", dtype=torch.float32)
-    pipe = Show1Pipeline(loaded.components, "cpu:0", torch.float32, REFERENCE_PLAN)
+    pipe = Show1Pipeline(loaded.components, "cpu:0", REFERENCE_PLAN)
     pipe.set_progress_bar_config(disable=True)
     events = []
     networks = {c.key: c for c in COMPONENTS if c.is_network}
@@ -105,7 +115,7 @@ def test_reference_plan_moves_each_stage_networks_to_the_device_only_for_that_st
         keys = [key for key, c in networks.items() if c.stage == stage]
         expected_events += [(key, "cpu:0") for key in keys] + [(key, "cpu") for key in keys] + [("end", stage)]
     assert events == expected_events
-    assert result.frames.shape == (29, 320, 576, 3)
+    assert result.frames.shape == (29, *small_video, 3)
 
 
 def test_resident_plan_moves_nothing(tiny_weights, monkeypatch):

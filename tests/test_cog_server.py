@@ -6,10 +6,7 @@ import json
 import os
 import queue
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,123 +19,28 @@ import requests
 import yaml
 
 from conftest import FAST
+from serving import PREDICTION_TIMEOUT, ServerUnderTest
 from show1.settings import OUTPUT_STAGES
 from test_progress import assert_one_bar_to_the_end
 from test_video import decode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")
-STARTUP_TIMEOUT = 180
-PREDICTION_TIMEOUT = 300
 
 STAGE_VIDEO_SHAPES = {
-    "full": (29, 320, 576), "sr1": (29, 160, 256), "interpolated": (29, 40, 64), "keyframes": (8, 40, 64),
+    "full": (29, 320, 576), "interpolated": (29, 40, 64), "keyframes": (8, 40, 64),
 }
 STAGES_RUN = {
     "keyframes": ["text", "keyframes"],
     "interpolated": ["text", "keyframes", "interpolation"],
-    "sr1": ["text", "keyframes", "interpolation", "first_frame", "sr1"],
     "full": ["text", "keyframes", "interpolation", "first_frame", "sr1", "sr2"],
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class CogServer:
-    """script/serve in a subprocess on a free loopback port, with its own temp folder."""
-
-    def __init__(self, weights, workdir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.tmpdir = workdir / "tmp"
-        self.tmpdir.mkdir()
-        self.log_path = workdir / "server.log"
-        env = dict(
-            os.environ, PORT=str(self.port), HOST="127.0.0.1", SHOW1_WEIGHTS=str(weights),
-            PYTHON=sys.executable, TMPDIR=str(self.tmpdir), PYTHONUNBUFFERED="1",
-        )
-        with open(self.log_path, "wb") as log:
-            # Its own process group, so stopping it also stops the worker and any ffmpeg.
-            self.process = subprocess.Popen(
-                [str(REPO / "script" / "serve")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def health(self) -> dict:
-        return requests.get(f"{self.url}/health-check", timeout=10).json()
-
-    def wait_for_setup(self, timeout=STARTUP_TIMEOUT) -> dict:
-        """The health check once setup has ended, READY or SETUP_FAILED."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"script/serve exited early:\n{self.log_tail()}"
-            try:
-                health = self.health()
-                if health["status"] not in ("STARTING",):
-                    return health
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"no end of setup within {timeout} s:\n{self.log_tail()}")
-
-    def wait_until_idle(self, timeout=30):
-        """The server frees its prediction slot just after it has answered, so a client that posts
-        again at once can meet 409 "at capacity"; clients wait for READY, as Replicate's queue does."""
-        deadline = time.monotonic() + timeout
-        while self.health()["status"] == "BUSY":
-            assert time.monotonic() < deadline, "the server stayed BUSY"
-            time.sleep(0.05)
-
-    def predict(self, timeout=PREDICTION_TIMEOUT, wait_until_idle=True, **inputs) -> requests.Response:
-        if wait_until_idle:
-            self.wait_until_idle()
-        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
-
-    def worker_pid(self) -> int:
-        """The worker subprocess that imports predict.py and runs the predictions."""
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == self.process.pid and b"_run_worker" in cmdline:
-                return int(pid)
-        raise AssertionError("the Cog worker process was not found")
-
-    def output_dir(self) -> Path:
-        (folder,) = self.tmpdir.glob("show1-outputs-*")
-        return folder
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
-def server(tiny_weights, tmp_path_factory):
-    cog = CogServer(tiny_weights, tmp_path_factory.mktemp("cog-server"))
-    try:
-        health = cog.wait_for_setup()
-        assert health["status"] == "READY", f"{health}\n{cog.log_tail()}"
-        yield cog
-    finally:
-        cog.stop()
+def server(cog_server):
+    """The session's server on the tiny weights (conftest.py), shared with test_script_predict.py."""
+    return cog_server
 
 
 def succeeded(response) -> dict:
@@ -169,7 +71,10 @@ def test_setup_reaches_ready_and_logs_what_it_loaded(server, tiny_weights):
     health = server.health()
     assert health["status"] == "READY"
     assert health["setup"]["status"] == "succeeded"
-    assert f"Show-1 loaded from {tiny_weights}" in health["setup"]["logs"]
+    loaded = f"Show-1 loaded from {tiny_weights}"
+    # Cog's server gathers setup's printed lines from a pipe and can end the gathering just before
+    # the last line arrives (seen once in CI); that line then reaches only the server's own log.
+    assert loaded in health["setup"]["logs"] or loaded in server.log_path.read_text(errors="replace")
 
 
 EXPECTED_INPUTS = {
@@ -253,7 +158,7 @@ def test_the_served_schema_is_the_one_cog_build_writes(server):
 
 
 def test_full_video_is_a_playable_576x320_mp4_with_29_frames(server, tmp_path):
-    prediction = succeeded(server.predict(prompt="a red panda eating bamboo", seed=7, output_stage="full", **FAST))
+    prediction = succeeded(server.post(prompt="a red panda eating bamboo", seed=7, output_stage="full", **FAST))
 
     video = save_data_uri(prediction["output"], tmp_path / "full.mp4")
     frames, meta = decode_mp4(video)
@@ -273,9 +178,10 @@ def test_full_video_is_a_playable_576x320_mp4_with_29_frames(server, tmp_path):
     assert "\r" not in logs
 
 
-@pytest.mark.parametrize("output_stage", ["sr1", "interpolated", "keyframes"])
+# output_stage=sr1 through this server: test_script_predict.py (its --url prediction).
+@pytest.mark.parametrize("output_stage", ["interpolated", "keyframes"])
 def test_each_early_output_stage_gives_its_size_and_frame_count(server, tmp_path, output_stage):
-    prediction = succeeded(server.predict(prompt="a lighthouse in a storm", output_stage=output_stage, fps=12, **FAST))
+    prediction = succeeded(server.post(prompt="a lighthouse in a storm", output_stage=output_stage, fps=12, **FAST))
 
     frames, meta = decode_mp4(save_data_uri(prediction["output"], tmp_path / "video.mp4"))
     assert frames.shape == STAGE_VIDEO_SHAPES[output_stage] + (3,)
@@ -284,7 +190,7 @@ def test_each_early_output_stage_gives_its_size_and_frame_count(server, tmp_path
 
 
 def test_gif_output(server, tmp_path):
-    response = server.predict(prompt="a paper boat", output_stage="keyframes", output_format="gif", fps=4, **FAST)
+    response = server.post(prompt="a paper boat", output_stage="keyframes", output_format="gif", fps=4, **FAST)
     prediction = succeeded(response)
 
     assert prediction["output"].startswith("data:image/gif;base64,")
@@ -295,7 +201,7 @@ def test_gif_output(server, tmp_path):
 
 def test_a_seed_reproduces_the_video_and_no_seed_draws_a_new_one(server, tmp_path):
     def keyframes(**inputs):
-        prediction = succeeded(server.predict(prompt="a snowy forest", output_stage="keyframes", **FAST, **inputs))
+        prediction = succeeded(server.post(prompt="a snowy forest", output_stage="keyframes", **FAST, **inputs))
         path = save_data_uri(prediction["output"], tmp_path / f"{prediction['id']}.mp4")
         return decode_mp4(path)[0], prediction["metrics"]["seed"]
 
@@ -311,7 +217,7 @@ def test_a_seed_reproduces_the_video_and_no_seed_draws_a_new_one(server, tmp_pat
 
 def test_the_output_file_name_is_unique_and_not_taken_from_the_prompt(server):
     prompt = "../../etc/passwd; rm -rf ~ $(reboot)"
-    prediction = succeeded(server.predict(prompt=prompt, output_stage="keyframes", **FAST))
+    prediction = succeeded(server.post(prompt=prompt, output_stage="keyframes", **FAST))
     (video,) = server.output_dir().iterdir()
     assert video.name.startswith("show1-") and video.suffix == ".mp4"
     assert "passwd" not in video.name and len(video.stem) == len("show1-") + 32
@@ -343,7 +249,7 @@ def test_the_output_file_name_is_unique_and_not_taken_from_the_prompt(server):
 )
 def test_out_of_range_or_wrongly_typed_input_is_422(server, name, value):
     inputs = {"prompt": "a cat", "output_stage": "keyframes", **FAST, name: value}
-    response = server.predict(**inputs)
+    response = server.post(**inputs)
     assert response.status_code == 422, response.text[:500]
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body", "input", name]
@@ -351,45 +257,46 @@ def test_out_of_range_or_wrongly_typed_input_is_422(server, name, value):
 
 
 def test_missing_prompt_is_422(server):
-    response = server.predict(output_stage="keyframes")
+    response = server.post(output_stage="keyframes")
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "input", "prompt"]
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n\t"])
 def test_an_empty_prompt_fails_with_a_clear_message_and_the_server_stays_ready(server, prompt):
-    response = server.predict(prompt=prompt, output_stage="keyframes", **FAST)
+    response = server.post(prompt=prompt, output_stage="keyframes", **FAST)
     assert response.status_code == 200
     prediction = response.json()
     assert prediction["status"] == "failed"
     assert "prompt" in prediction["error"].lower() and "empty" in prediction["error"].lower()
     assert_ready(server)
-    succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))
+    succeeded(server.post(prompt="a cat", output_stage="keyframes", **FAST))
 
 
 def test_a_stage_with_nan_fails_the_prediction_clearly_and_the_next_one_succeeds(tiny_weights, tmp_path):
-    """A numerical failure (here: the sr1 UNet made to output NaN) fails the prediction with a
-    message naming the stage, instead of encoding a garbage video; the container stays READY."""
+    """A numerical failure (here: the interpolation UNet made to output NaN) fails the prediction
+    with a message naming the stage, instead of encoding a garbage video; the container stays READY
+    and a prediction that stops before that stage succeeds."""
     import torch
 
     weights = tmp_path / "weights"
     shutil.copytree(tiny_weights, weights)
-    unet_file = weights / "show-1-sr1" / "unet" / "diffusion_pytorch_model.bin"
+    unet_file = weights / "show-1-interpolation" / "unet" / "diffusion_pytorch_model.bin"
     state = torch.load(unet_file, weights_only=True)
     state["conv_out.bias"] = torch.full_like(state["conv_out.bias"], float("nan"))
     torch.save(state, unet_file)
-    cog = CogServer(weights, tmp_path)
+    cog = ServerUnderTest(weights, tmp_path)
     try:
         assert cog.wait_for_setup()["status"] == "READY", cog.log_tail()
-        response = cog.predict(prompt="a cat", output_stage="sr1", **FAST)
+        response = cog.post(prompt="a cat", output_stage="interpolated", **FAST)
         assert response.status_code == 200
         prediction = response.json()
         assert prediction["status"] == "failed"
-        assert "Stage 'sr1' produced non-finite values" in prediction["error"]
+        assert "Stage 'interpolation' produced non-finite values" in prediction["error"]
         assert "numerical problem" in prediction["error"]
         assert prediction.get("output") is None
         assert_ready(cog)
-        succeeded(cog.predict(prompt="a cat", output_stage="keyframes", **FAST))
+        succeeded(cog.post(prompt="a cat", output_stage="keyframes", **FAST))
     finally:
         cog.stop()
 
@@ -413,7 +320,7 @@ def folder_usage(folder: Path) -> dict:
 
 def test_twenty_predictions_in_a_row_leave_no_files_descriptors_or_memory_behind(server):
     def run(count):
-        return [succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))["id"] for _ in range(count)]
+        return [succeeded(server.post(prompt="a cat", output_stage="keyframes", **FAST))["id"] for _ in range(count)]
 
     # A leak would grow with every prediction. Allocator effects do not: without MALLOC_ARENA_MAX=2
     # (cog.yaml, script/serve) the anonymous memory grew in 55 MB steps as predictions landed on new
@@ -521,7 +428,7 @@ def test_a_cancelled_prediction_cleans_up_and_the_next_one_succeeds(server, webh
     assert response.status_code == 202
     webhooks.wait_for(lambda event: "Stage keyframes finished" in (event.get("logs") or ""))
 
-    busy = server.predict(prompt="a cat", output_stage="keyframes", wait_until_idle=False, **FAST)
+    busy = server.post(prompt="a cat", output_stage="keyframes", wait_until_idle=False, **FAST)
     assert busy.status_code == 409
 
     assert requests.post(f"{server.url}/predictions/to-cancel/cancel", timeout=10).status_code == 200
@@ -534,7 +441,7 @@ def test_a_cancelled_prediction_cleans_up_and_the_next_one_succeeds(server, webh
     # The webhook reports the cancellation as soon as it is decided; the worker then unwinds the
     # interrupted stage (a UNet call runs to its end) and frees its memory before the slot is free.
     assert_ready(server)
-    prediction = succeeded(server.predict(prompt="a cat", output_stage="keyframes", **FAST))
+    prediction = succeeded(server.post(prompt="a cat", output_stage="keyframes", **FAST))
     assert prediction["output"].startswith("data:video/mp4;base64,")
 
 
@@ -542,10 +449,10 @@ def test_a_cancelled_prediction_cleans_up_and_the_next_one_succeeds(server, webh
 
 
 def failed_setup(weights, workdir) -> tuple:
-    cog = CogServer(weights, workdir)
+    cog = ServerUnderTest(weights, workdir)
     try:
         health = cog.wait_for_setup()
-        response = cog.predict(prompt="a cat", timeout=30)
+        response = cog.post(prompt="a cat", timeout=30)
         return health, response
     finally:
         cog.stop()

@@ -30,8 +30,10 @@ SR2_SIZE = 32  # sr2's output, for the same reason: 4x4 latents, 2x2 at the UNet
 
 @pytest.fixture(scope="module", params=HALF_DTYPES, ids=lambda d: str(d).split(".")[-1])
 def half_pipeline(request):
+    """The tiny cascade with every network loaded in one half dtype (`half_pipeline.half_dtype`)."""
     pipe = Show1Pipeline.from_pretrained(REFERENCE_WEIGHTS, device="cpu", dtype=request.param)
     pipe.set_progress_bar_config(disable=True)
+    pipe.half_dtype = request.param
     return pipe
 
 
@@ -54,7 +56,7 @@ def assert_finite_float32(output, shape):
 
 
 def test_every_network_is_loaded_in_its_planned_dtype(half_pipeline):
-    dtype, c = half_pipeline.dtype, half_pipeline.components
+    dtype, c = half_pipeline.half_dtype, half_pipeline.components
     for network in NETWORKS:
         if network.key != "text.t5":
             assert {p.dtype for p in c[network.key].parameters()} == {dtype}, network.key

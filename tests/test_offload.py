@@ -141,7 +141,7 @@ def virtual_cuda(monkeypatch):
 
 def pipeline(weights, device, plan):
     loaded = Show1Pipeline.from_pretrained(weights, device="cpu", dtype=torch.float32)
-    pipe = Show1Pipeline(loaded.components, device, torch.float32, plan)
+    pipe = Show1Pipeline(loaded.components, device, plan)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

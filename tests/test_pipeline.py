@@ -170,7 +170,7 @@ def test_progress_bars_can_be_switched_off(tiny_pipeline, small_keyframes, capsy
     # A new pipeline on the session's loaded components (what from_pretrained builds, without
     # loading the weights again) shows its bar until it is switched off. Small keyframes
     # (conftest.SMALL_KEYFRAMES): the bar does not depend on the frame size.
-    pipe = Show1Pipeline(tiny_pipeline.components, tiny_pipeline.device, tiny_pipeline.dtype)
+    pipe = Show1Pipeline(tiny_pipeline.components, tiny_pipeline.device)
     pipe("a car", seed=0, output_stage="keyframes", keyframe_steps=2)
     assert "keyframes" in capsys.readouterr().err
     pipe.set_progress_bar_config(disable=True)

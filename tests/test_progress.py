@@ -4,7 +4,6 @@ by their cost, the public step callbacks it is built on, and the log lines that 
 import re
 
 import pytest
-import torch
 
 from bench.gpu_check import run_cascade
 from bench.step_clock import short_run_settings
@@ -194,7 +193,7 @@ def test_an_exception_in_the_callback_stops_the_prediction_cleanly(tiny_pipeline
 def test_the_library_bar_is_one_tqdm_bar_to_100_percent_closed_however_the_prediction_ends(
     tiny_pipeline, small_keyframes, capsys, monkeypatch
 ):
-    pipe = Show1Pipeline(tiny_pipeline.components, "cpu", torch.float32)
+    pipe = Show1Pipeline(tiny_pipeline.components, "cpu")
     pipe.set_progress_bar_config(ncols=100)
     pipe("a red panda", seed=1, output_stage="keyframes", keyframe_steps=2)
     bar = capsys.readouterr().err
@@ -227,7 +226,7 @@ def test_the_library_bar_is_one_tqdm_bar_to_100_percent_closed_however_the_predi
 def test_gpu_check_times_every_step_through_the_public_callbacks(tiny_pipeline, small_keyframes):
     # The reference plan runs interpolation one segment per call: 7 loops, each timed on its own.
     settings = {**short_run_settings(1), "output_stage": "interpolated"}
-    run = run_cascade("reference", tiny_pipeline.components, "cpu", torch.float32, settings)
+    run = run_cascade("reference", tiny_pipeline.components, "cpu", settings)
     assert run.error is None
     loops = {stage: [len(loop) for loop in steps.loops] for stage, steps in run.stages.items()}
     assert loops == {"text": [], "keyframes": [1], "interpolation": [1] * 7}

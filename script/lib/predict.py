@@ -1,12 +1,16 @@
 """script/predict: one video from the command line, through Cog's own HTTP server, without Docker.
 
-    script/predict -i prompt="a red panda eating bamboo" [-i NAME=VALUE ...] [-o PATH] [--tiny]
+    script/predict -i prompt="a red panda eating bamboo" [-i NAME=VALUE ...] [-o PATH] [--tiny | --url URL]
 
 The same inputs as `cog predict`. It starts script/serve (the server the image runs) on a free
 loopback port, waits for the predictor's setup, posts one prediction, writes the video to PATH
 (default output.<ext> in the current folder) and stops the server again, whatever happens.
 The server's own log goes to a temporary file, kept (and named) only when something failed; the
 prediction's log lines (seed, progress, stages) are echoed as they arrive.
+
+With --url it uses a server that is already running (script/serve, or `docker run` of the image)
+and leaves it running: no setup to wait for on every call. Its log is not ours to read, so the
+prediction's log lines are printed when it has ended.
 """
 
 import argparse
@@ -15,8 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,13 +27,13 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
+from cog_server import REPO, CogClient, CogServer, ServerExited, SetupTimeout
+
 TINY_WEIGHTS = REPO / "tests" / "fixtures" / "reference" / "weights"
 # Loading the real weights from disk takes minutes; the tiny ones seconds.
 SETUP_TIMEOUT_SECONDS = 1800
 # Enough for the full default cascade on a slow GPU; a CPU with tiny weights needs far less.
 PREDICTION_TIMEOUT_SECONDS = 6 * 3600
-STOP_TIMEOUT_SECONDS = 30
 # The stages in the order they run (show1.components.STAGES, not imported: it would load torch).
 STAGE_ORDER = ("text", "keyframes", "interpolation", "first_frame", "sr1", "sr2")
 
@@ -58,8 +60,12 @@ def parse_args(argv):
                         help="an input, as for `cog predict` (repeat for several)")
     parser.add_argument("-o", "--output", metavar="PATH",
                         help="where to write the video (default: output.<ext> in the current folder)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="use the tiny random test weights (noise, not a picture; for a CPU)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--tiny", action="store_true",
+                         help="use the tiny random test weights (noise, not a picture; for a CPU)")
+    weights.add_argument("--url", metavar="URL",
+                         help="use the Cog server already running at URL (e.g. http://127.0.0.1:5000, "
+                              "started by script/serve) instead of starting one; its logs are printed at the end")
     return parser.parse_args(argv)
 
 
@@ -88,69 +94,6 @@ def weights_folder(tiny: bool) -> Path:
             "the pipeline on the tiny test weights with --tiny (noise, not a picture)."
         )
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """script/serve in its own process group, its log in `log_path`."""
-
-    def __init__(self, weights: Path, log_path: Path):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = log_path
-        env = dict(
-            os.environ, PORT=self.url.rsplit(":", 1)[1], HOST="127.0.0.1", SHOW1_WEIGHTS=str(weights),
-            PYTHON=sys.executable, PYTHONUNBUFFERED="1",
-        )
-        with open(log_path, "wb") as log:
-            # A session of its own: the terminal's Ctrl-C reaches this script only, which then
-            # stops the server in order (stop()).
-            self.process = subprocess.Popen(
-                [str(REPO / "script" / "serve")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def wait_for_setup(self) -> dict:
-        """Polls /health-check until setup has ended; returns the health answer (READY or SETUP_FAILED)."""
-        deadline = time.monotonic() + SETUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise Failure(f"The server exited during setup (exit status {self.process.returncode}).")
-            try:
-                health = requests.get(f"{self.url}/health-check", timeout=10).json()
-                if health.get("status") != "STARTING":
-                    return health
-            except requests.ConnectionError:
-                pass  # not listening yet
-            time.sleep(0.5)
-        raise Failure(f"The predictor's setup did not finish within {SETUP_TIMEOUT_SECONDS} s.")
-
-    def input_schema(self) -> dict:
-        """The Input properties of the server's OpenAPI schema (what `cog predict` types -i with)."""
-        schema = requests.get(f"{self.url}/openapi.json", timeout=30).json()
-        return schema["components"]["schemas"]["Input"]["properties"]
-
-    def predict(self, inputs: dict) -> requests.Response:
-        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=PREDICTION_TIMEOUT_SECONDS)
-
-    def stop(self):
-        """SIGTERM to the server alone: it shuts its worker down in order, so the predictor's exit
-        handlers run (predict.py removes its output folder). Whatever is left after that is killed."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the whole group is gone already
-        self.process.wait()
 
 
 def typed_inputs(raw: dict, properties: dict) -> dict:
@@ -227,25 +170,47 @@ def report(prediction: dict, path: Path):
     print(f"Wrote {path}")
 
 
-def run_prediction(server: Server, raw_inputs: dict, output_option) -> None:
-    health = server.wait_for_setup()
-    if health.get("status") != "READY":
-        logs = (health.get("setup") or {}).get("logs", "")
-        raise Failure(f"The predictor's setup failed ({health.get('status')}):\n{logs}")
-    inputs = typed_inputs(raw_inputs, server.input_schema())
-    print("Predicting...")
-
+def predict_while_echoing(server: CogServer, inputs: dict) -> requests.Response:
+    """The prediction, its log lines printed from the server's log as they arrive."""
     stop_echo = threading.Event()
     echo = threading.Thread(target=echo_prediction_logs, args=(server.log_path, stop_echo), daemon=True)
     echo.start()
     try:
-        response = server.predict(inputs)
+        return server.predict(inputs, PREDICTION_TIMEOUT_SECONDS)
     finally:
         stop_echo.set()
         echo.join(timeout=5)
 
+
+def predict_then_print_logs(client: CogClient, inputs: dict) -> requests.Response:
+    """The prediction on a server started elsewhere, whose log is not ours to read: its log lines
+    are printed once it has ended."""
+    response = client.predict(inputs, PREDICTION_TIMEOUT_SECONDS)
+    if response.status_code == 200:
+        for line in (response.json().get("logs") or "").splitlines():
+            print(f"  {line}")
+    return response
+
+
+def run_prediction(server: CogClient, raw_inputs: dict, output_option) -> None:
+    try:
+        health = server.wait_for_setup(SETUP_TIMEOUT_SECONDS)
+    except (ServerExited, SetupTimeout) as error:
+        raise Failure(str(error)) from None
+    if health.get("status") not in ("READY", "BUSY"):
+        logs = (health.get("setup") or {}).get("logs", "")
+        raise Failure(f"The predictor's setup failed ({health.get('status')}):\n{logs}")
+    inputs = typed_inputs(raw_inputs, server.input_schema())
+    print("Predicting...")
+    if isinstance(server, CogServer):
+        response = predict_while_echoing(server, inputs)
+    else:
+        response = predict_then_print_logs(server, inputs)
+
     if response.status_code == 422:
         raise InputError(f"Input refused:\n{refusal_message(response)}")
+    if response.status_code == 409:
+        raise Failure("The server is busy with another prediction (it runs one at a time); try again when it ends.")
     if response.status_code != 200:
         raise Failure(f"The server answered HTTP {response.status_code}: {response.text[:2000]}")
     prediction = response.json()
@@ -259,26 +224,32 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv) -> int:
-    signal.signal(signal.SIGTERM, interrupt)
-    # Each line as it is printed, also into a pipe or a file: progress is only useful live.
-    sys.stdout.reconfigure(line_buffering=True)
-    args = parse_args(argv)
+def predict_on_running_server(url: str, raw_inputs: dict, output_option) -> int:
+    """--url: one prediction on a server started elsewhere, which is left running."""
+    client = CogClient(url)
     try:
-        raw_inputs = split_inputs(args.input)
-        weights = weights_folder(args.tiny)
+        client.health()
+    except requests.RequestException:
+        print(f"script/predict: no Cog server answers at {client.url} (start one with script/serve)", file=sys.stderr)
+        return 1
+    try:
+        run_prediction(client, raw_inputs, output_option)
+        return 0
     except Failure as failure:
         print(f"script/predict: {failure}", file=sys.stderr)
-        return 2
-    if args.tiny:
-        print(TINY_NOTE)
-    print(f"Starting Cog's HTTP server on the weights in {weights} (setup loads every stage)...")
+    except KeyboardInterrupt:
+        print("script/predict: interrupted (the prediction goes on on the server)", file=sys.stderr)
+    return 1
 
+
+def predict_on_own_server(weights: Path, raw_inputs: dict, output_option) -> int:
+    """script/serve started on `weights` for one prediction and stopped again, whatever happens."""
+    print(f"Starting Cog's HTTP server on the weights in {weights} (setup loads every stage)...")
     log_dir = Path(tempfile.mkdtemp(prefix="show1-predict-"))
-    server = Server(weights, log_dir / "server.log")
+    server = CogServer(weights, log_dir / "server.log")
     exit_status, keep_log = 1, True
     try:
-        run_prediction(server, raw_inputs, args.output)
+        run_prediction(server, raw_inputs, output_option)
         exit_status, keep_log = 0, False
     except InputError as error:
         print(f"script/predict: {error}", file=sys.stderr)
@@ -294,6 +265,24 @@ def main(argv) -> int:
         else:
             shutil.rmtree(log_dir, ignore_errors=True)
     return exit_status
+
+
+def main(argv) -> int:
+    signal.signal(signal.SIGTERM, interrupt)
+    # Each line as it is printed, also into a pipe or a file: progress is only useful live.
+    sys.stdout.reconfigure(line_buffering=True)
+    args = parse_args(argv)
+    try:
+        raw_inputs = split_inputs(args.input)
+        weights = None if args.url else weights_folder(args.tiny)
+    except Failure as failure:
+        print(f"script/predict: {failure}", file=sys.stderr)
+        return 2
+    if args.url:
+        return predict_on_running_server(args.url, raw_inputs, args.output)
+    if args.tiny:
+        print(TINY_NOTE)
+    return predict_on_own_server(weights, raw_inputs, args.output)
 
 
 if __name__ == "__main__":

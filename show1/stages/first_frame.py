@@ -5,8 +5,7 @@ Its output anchors the video super-resolution: sr1's first window starts from th
 
 import torch
 
-from ..sampling import guided_denoise, initial_noise
-from .superres_condition import noised_upscale
+from ..sampling import guided_denoise, initial_noise, noised_upscale
 
 UPSCALE = 4
 

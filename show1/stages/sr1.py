@@ -8,8 +8,7 @@ windows chain into one consistent video and run one after another.
 
 import torch
 
-from ..sampling import guided_denoise, initial_noise
-from .superres_condition import noised_upscale
+from ..sampling import guided_denoise, initial_noise, noised_upscale
 
 UPSCALE, WINDOW, STRIDE = 4, 8, 7
 
