@@ -17,6 +17,7 @@ from .attention import fused_attention
 from .components import COMPONENTS, STAGES, Components
 from .failures import FiniteOutputs, check_finite, mark_failed_stage
 from .frames import to_uint8_frames
+from .models import UNet3DConditionModel
 from .offload import WeightUploads
 from .plans import LOW_MEMORY, RESIDENT, ExecutionPlan, Offload
 from .progress import PredictionProgress, ProgressBar, StepProgress, planned_work
@@ -47,6 +48,10 @@ class Show1Pipeline:
         self.components = components
         self.device = torch.device(device)
         self.plan = plan
+        if self.device.type == "cpu":
+            for network in components.networks():
+                if isinstance(network, UNet3DConditionModel):
+                    network.feed_forward_frame_by_frame()
         self._progress_config = {}
         # The low-memory plan's host copies of the weights, made once, here (show1.offload).
         self._uploads = WeightUploads(components, self.device) if plan.offload is Offload.UPLOAD else None

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
 from conftest import EXPECTED, REFERENCE_WEIGHTS, expected
 from show1.weights.loading import load_diffusers_model
@@ -139,3 +140,33 @@ def test_every_attention_uses_fused_sdpa(name):
     The project's processors are SDPA processors with heads padded for every fused kernel."""
     processors = {type(m.processor).__name__ for m in load_unet(name).modules() if isinstance(m, Attention)}
     assert processors and processors <= {"PaddedHeadsAttnProcessor", "PaddedHeadsAddedKVProcessor"}, processors
+
+
+def temporal_chunk_sizes(unet) -> set:
+    """The feed-forward chunk size of every temporal transformer block of `unet`."""
+    return {block._chunk_size for module in unet.modules() if isinstance(module, TransformerTemporalModel)
+            for block in module.transformer_blocks}
+
+
+def test_feed_forward_frame_by_frame_computes_the_same():
+    unet = load_unet("sr2")
+    sample, text = torch.randn(2, 4, 5, 16, 24), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        whole = unet(sample, 799, encoder_hidden_states=text).sample
+        unet.feed_forward_frame_by_frame()
+        assert temporal_chunk_sizes(unet) == {1}
+        by_frame = unet(sample, 799, encoder_hidden_states=text).sample
+    torch.testing.assert_close(by_frame, whole, rtol=0, atol=1e-5)
+
+
+def test_a_pipeline_on_the_cpu_runs_feed_forwards_frame_by_frame_and_one_elsewhere_does_not():
+    from bench.random_weights import random_components
+    from show1 import Show1Pipeline
+
+    components = random_components("tiny", "cpu", torch.float32)
+    unets = [n for n in components.networks() if isinstance(n, UNet3DConditionModel)]
+    assert len(unets) == 4
+    Show1Pipeline(components, "cuda")  # only built: nothing runs
+    assert {size for unet in unets for size in temporal_chunk_sizes(unet)} == {None}
+    Show1Pipeline(components, "cpu")
+    assert {size for unet in unets for size in temporal_chunk_sizes(unet)} == {1}

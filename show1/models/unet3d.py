@@ -222,6 +222,16 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin):
         # kernel takes them (show1.attention).
         use_padded_attention(self)
 
+    def feed_forward_frame_by_frame(self):
+        """Runs each temporal transformer's feed-forward one frame at a time (diffusers' feed-forward
+        chunking along the frames): the same numbers to float rounding, from activations a frame's
+        size instead of the video's. On a CPU, where those then stay in cache, sr2's UNet forward
+        takes about two thirds of the time (docs/performance.md); not measured on a GPU."""
+        for module in self.modules():
+            if isinstance(module, TransformerTemporalModel):
+                for block in module.transformer_blocks:
+                    block.set_chunk_feed_forward(1, dim=1)  # [positions, frames, channels]: dim 1 is the frames
+
     def embed_conditions(self, timestep, class_labels, encoder_hidden_states, batch, dtype):
         """One embedding vector per video: time (+ class) (+ pooled raw text), [B, D]."""
         timesteps = torch.as_tensor(timestep, device=encoder_hidden_states.device)
