@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.fake_memory import FlashAttentionStandIn, LiveStorageBytes
-from bench.gpu_check import parse_args
+from bench.gpu_check import dry_run, parse_args
 from bench.step_clock import StageSteps, default_steps_per_loop, estimate_video, short_run_settings
 from bench.switches import FirstCall, measure_switch
 from show1.settings import Show1Settings
@@ -179,13 +179,14 @@ def test_tiny_cpu_run_answers_every_question_and_ends_with_the_summary(tmp_path)
     assert all(r["seconds_per_forward"] > 0 and r["warmup_seconds"] > 0 for r in measured)
 
 
-def test_dry_run_predicts_the_first_frame_stage_at_its_published_size(tmp_path):
-    result = run_gpu_check("--dry-run", "--stages", "first_frame", "--out", "dry.json", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    print(result.stdout)
-    match = re.search(r"^predicted_peak_gib resident=(\d+\.\d\d) low_memory=(\d+\.\d\d)$", result.stdout, re.MULTILINE)
-    assert match, result.stdout
-    prediction = json.loads((tmp_path / "dry.json").read_text())
+def test_dry_run_predicts_the_first_frame_stage_at_its_published_size():
+    # In this process (the command's own run, with --out, is the tiny run's test above).
+    lines = []
+    prediction = dry_run(parse_args(["--dry-run", "--stages", "first_frame"]), out=lines.append)
+    stdout = "\n".join(lines)
+    print(stdout)
+    match = re.search(r"^predicted_peak_gib resident=(\d+\.\d\d) low_memory=(\d+\.\d\d)$", stdout, re.MULTILINE)
+    assert match, stdout
     stage = prediction["stages"]["first_frame"]
     # IF-II-L's 1,243,277,190 parameters in float16.
     assert stage["weights_gib"] == pytest.approx(1_243_277_190 * 2 / GIB)
@@ -197,6 +198,6 @@ def test_dry_run_predicts_the_first_frame_stage_at_its_published_size(tmp_path):
     # Resident: every network of the cascade (12.1 B parameters, T5's wo in float32) plus these activations.
     assert 24 < float(match.group(1)) - stage["activations_gib"] < 25
     # The plan that predict.py picks on each of Replicate's GPUs, from its total memory.
-    assert "plan_for_total_gib 14.7=low_memory 22.0=low_memory 39.6=resident 44.4=resident 79.2=resident" in result.stdout
+    assert "plan_for_total_gib 14.7=low_memory 22.0=low_memory 39.6=resident 44.4=resident 79.2=resident" in stdout
     # A default video's weight moves: the low-memory plan uploads each weight once, nothing comes back.
-    assert "low_memory_transfer_gib h2d=24.40 d2h=0.00 weights=24.40" in result.stdout
+    assert "low_memory_transfer_gib h2d=24.40 d2h=0.00 weights=24.40" in stdout
