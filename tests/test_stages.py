@@ -29,10 +29,15 @@ ONE_ULP = 1 + 2**-23
 
 def run_with_noise_nudged(monkeypatch, run):
     """Runs a stage with the noise it starts from (show1.sampling.initial_noise) scaled by one
-    float32 ulp."""
-    original = sampling.randn
+    float32 ulp; its later draws (first_frame's noised condition, the DDPM step noise) unchanged."""
+
+    def nudged_initial_noise(*args):
+        noise, generator = sampling.initial_noise(*args)
+        return noise * ONE_ULP, generator
+
     with monkeypatch.context() as patch:
-        patch.setattr(sampling, "randn", lambda *args: original(*args) * ONE_ULP)
+        for stage in (keyframes, interpolation, first_frame):
+            patch.setattr(stage, "initial_noise", nudged_initial_noise)
         return run()
 
 
