@@ -18,7 +18,7 @@ import diffusers
 import torch
 import transformers
 
-from bench.cascade import PLANS, benchmark
+from bench.cascade import PLANS, benchmark, software_versions
 from bench.random_weights import SIZES
 from show1.settings import Show1Settings
 
@@ -70,8 +70,7 @@ def main(argv):
     settings = vars(args.settings)
     warmup = None if args.no_warmup else {**settings, **dict.fromkeys(STEP_SETTINGS, 1), "sr2_steps": 2}
     plans = ["optimized", "reference"] if args.plan == "reference" else [args.plan]
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
-          + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""))
+    print(software_versions(args.device))
     print("settings: " + ", ".join(f"{name}={value}" for name, value in settings.items()))
     benchmark(plans, args.size, args.device, args.dtype, settings, warmup, seed=args.seed)
 

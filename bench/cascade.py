@@ -11,7 +11,9 @@ import resource
 import time
 from dataclasses import dataclass, field
 
+import diffusers
 import torch
+import transformers
 
 from show1.components import STAGES
 from show1.pipeline import Show1Pipeline
@@ -40,6 +42,12 @@ class PlanResult:
     total_seconds: float
     peak_memory_bytes: int  # device memory on a GPU, the process's resident set on the CPU
     frames: object = field(repr=False, default=None)
+
+
+def software_versions(device) -> str:
+    """The report's first line: the package versions, and the GPU's name on one."""
+    line = f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+    return line + (f", {torch.cuda.get_device_name(device)}" if str(device).startswith("cuda") else "")
 
 
 def peak_host_memory_bytes() -> int:

@@ -38,7 +38,7 @@ from show1.settings import OUTPUT_STAGES
 
 from . import fake_memory
 from .attention_census import AttentionCensus
-from .cascade import PLANS, PROMPT, place_networks, stage_weight_bytes
+from .cascade import PLANS, PROMPT, place_networks, software_versions, stage_weight_bytes
 from .random_weights import SIZES, random_components
 from .step_clock import StepClock, estimate_video, short_run_settings, synchronize
 from .switches import SWITCHES, UNET_STAGES, WARMUP_CALLS, FirstCall, measure_switches
@@ -385,8 +385,7 @@ def main(argv=None):
     if args.dry_run:
         results = dry_run(args)
     else:
-        print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
-              + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""))
+        print(software_versions(args.device))
         report = gpu_check(args)
         print_report(report)
         results = {**asdict(report), "total_default_s": report.total_default_s}
