@@ -134,8 +134,10 @@ def _noise_levels(batch, level):
     return torch.full((batch,), level, dtype=torch.long)
 
 
-def _video_unet_call(unet, batch, frames, height, width, text_states, class_labels=None):
-    sample = torch.empty(batch, unet.config.in_channels, frames, height, width, dtype=SERVING_DTYPE)
+def _video_unet_call(unet, videos, frames, height, width, text_states, class_labels=None):
+    """The Show-1 UNet as guidance calls it (show1.sampling.predict_noise): each of the `videos`
+    once, with GUIDANCE_BATCH rows of text states per video."""
+    sample = torch.empty(videos, unet.config.in_channels, frames, height, width, dtype=SERVING_DTYPE)
     return lambda: unet(sample, _timestep(), encoder_hidden_states=text_states, class_labels=class_labels).sample
 
 
@@ -146,14 +148,13 @@ def text_calls(networks):
 
 
 def keyframes_calls(networks):
-    return [_video_unet_call(networks.keyframes.unet, GUIDANCE_BATCH, NUM_KEYFRAMES, HEIGHT, WIDTH,
+    return [_video_unet_call(networks.keyframes.unet, 1, NUM_KEYFRAMES, HEIGHT, WIDTH,
                              _t5_states(networks, GUIDANCE_BATCH))]
 
 
 def interpolation_calls(networks, segments_per_batch=SEGMENTS):
-    batch = GUIDANCE_BATCH * segments_per_batch
-    return [_video_unet_call(networks.interpolation.unet, batch, SEGMENT_FRAMES, HEIGHT, WIDTH,
-                             _t5_states(networks, batch))]
+    return [_video_unet_call(networks.interpolation.unet, segments_per_batch, SEGMENT_FRAMES, HEIGHT, WIDTH,
+                             _t5_states(networks, GUIDANCE_BATCH * segments_per_batch))]
 
 
 def first_frame_calls(networks):
@@ -164,7 +165,7 @@ def first_frame_calls(networks):
 
 
 def sr1_calls(networks):
-    return [_video_unet_call(networks.sr1.unet, GUIDANCE_BATCH, WINDOW, HEIGHT * UPSCALE, WIDTH * UPSCALE,
+    return [_video_unet_call(networks.sr1.unet, 1, WINDOW, HEIGHT * UPSCALE, WIDTH * UPSCALE,
                              _t5_states(networks, GUIDANCE_BATCH), _noise_levels(GUIDANCE_BATCH, 250))]
 
 
@@ -179,7 +180,7 @@ def sr2_calls(networks):
     latent = torch.empty(1, vae.config.latent_channels, latent_height, latent_width, dtype=SERVING_DTYPE)
     return [
         lambda: vae.encode(frame).latent_dist.parameters,
-        _video_unet_call(networks.sr2.unet, GUIDANCE_BATCH, VIDEO_FRAMES, latent_height, latent_width, clip_states),
+        _video_unet_call(networks.sr2.unet, 1, VIDEO_FRAMES, latent_height, latent_width, clip_states),
         lambda: vae.decode(latent).sample,
     ]
 

@@ -59,13 +59,13 @@ LOW_MEMORY = ExecutionPlan("low_memory", offload=Offload.UPLOAD)
 REFERENCE_PLAN = ExecutionPlan("reference", offload=Offload.MODEL, interpolation_batch=1)
 
 # Predicted peak GPU memory of a default 576x320 video (max_memory_allocated, GiB).
-PREDICTED_PEAK_GIB = {RESIDENT.name: 27.69, LOW_MEMORY.name: 11.39}
+PREDICTED_PEAK_GIB = {RESIDENT.name: 27.29, LOW_MEMORY.name: 11.39}
 # The same prediction per stage: the weights of its networks, and the activation peak of its
 # largest forward call (GiB).
 PREDICTED_STAGE_WEIGHTS_GIB = {"text": 11.38, "keyframes": 3.22, "interpolation": 3.22, "first_frame": 2.32,
                                "sr1": 1.48, "sr2": 2.78}
 PREDICTED_STAGE_ACTIVATIONS_GIB = {"text": 0.01, "keyframes": 0.45, "interpolation": 1.96, "first_frame": 0.34,
-                                   "sr1": 2.19, "sr2": 3.29}
+                                   "sr1": 2.19, "sr2": 2.90}
 # The low-memory plan's goal: a T4 (14.7 GiB in all) less its CUDA context.
 LOW_MEMORY_GOAL_GIB = 14.0
 

@@ -33,7 +33,7 @@ from .stages.sr1 import window_starts
 # classifier-free guidance batch of 2, interpolation's 7 segments in one call, one sr1 window.
 # Counted by bench/step_flops.py (torch.utils.flop_counter on fake tensors, attention included);
 # tests/test_progress.py checks that they are still what it counts.
-STEP_GFLOPS = {"keyframes": 10472, "interpolation": 45840, "first_frame": 3852, "sr1": 26173, "sr2": 53953}
+STEP_GFLOPS = {"keyframes": 10471, "interpolation": 45836, "first_frame": 3852, "sr1": 26169, "sr2": 53011}
 
 SEGMENTS = NUM_KEYFRAMES - 1  # interpolation segments, one between each pair of keyframes
 VIDEO_FRAMES = (SEGMENT_FRAMES - 1) * SEGMENTS + 1  # 29: neighbouring segments share a keyframe

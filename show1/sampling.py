@@ -80,11 +80,14 @@ def scheduler_step(scheduler, noise_pred, t, sample, generator, noise=None):
 
 
 def predict_noise(unet, model_input, t, text_states, class_labels):
-    """The network's output for a video batch [2B, C, F, H, W]. A 2-D image UNet (IF-II) sees a
-    one-frame video as images."""
+    """The network's output [2B, C, F, H, W] for the guidance batch: the videos [B, C, F, H, W] under
+    each of the 2B rows of text states. The Show-1 UNet takes each video once (its layers before the
+    first that reads the text run once per video); IF-II's 2-D UNet takes a one-frame video as
+    images, one copy per row."""
     model_input = model_input.to(unet.dtype)
     if isinstance(unet, UNet2DConditionModel):
-        return unet(model_input[:, :, 0], t, encoder_hidden_states=text_states, class_labels=class_labels).sample[:, :, None]
+        images = model_input[:, :, 0].repeat(text_states.shape[0] // model_input.shape[0], 1, 1, 1)
+        return unet(images, t, encoder_hidden_states=text_states, class_labels=class_labels).sample[:, :, None]
     return unet(model_input, t, encoder_hidden_states=text_states, class_labels=class_labels).sample
 
 
@@ -97,9 +100,10 @@ def guided_denoise(
 
     text: the stage's PromptEmbeddings (unconditional and conditional states). condition: frames
     concatenated to the sample on channels at every step. noise_level: how much noise the
-    condition carries, for networks that take it as a class label. Each of them is doubled into
-    the guidance batch here, once, before the loop; the first `sample.shape[1]` output channels of
-    the network are the noise.
+    condition carries, for networks that take it as a class label. The text states and class
+    labels make the guidance batch of 2B rows here, once, before the loop; the sample and its
+    condition go to the network once per video (predict_noise). The first `sample.shape[1]` output
+    channels of the network are the noise.
 
     The loop works in float32 (see scheduler_step); the network gets its input in its own dtype.
     `timesteps` stay on the CPU, where the schedulers index their tables and branch on them: a
@@ -122,7 +126,7 @@ def guided_denoise(
     for i in progress(range(len(timesteps))):
         t = timesteps[i]
         model_input = sample if condition is None else torch.cat([sample, condition], dim=1)
-        model_input = scheduler.scale_model_input(torch.cat([model_input, model_input]), t)
+        model_input = scheduler.scale_model_input(model_input, t)
         output = predict_noise(unet, model_input, model_timesteps[i], text_states, class_labels)
         uncond, cond = output.float().chunk(2)
         noise_pred = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])

@@ -88,14 +88,14 @@ def keyframe_step_lines(out: str) -> list:
 def test_a_prediction_on_its_own_server_echoes_its_progress_writes_the_video_and_cleans_up(tmp_path):
     result = run_script(
         ["-i", "prompt=a red panda eating bamboo", "-i", "seed=3", "-i", "output_stage=keyframes",
-         "-i", "keyframe_steps=12", "--tiny"],
+         "-i", "keyframe_steps=4", "--tiny"],
         tmp_path,
     )
     out = assert_video_written(result, tmp_path, (8, 40, 64, 3), 8, ["text", "keyframes"])
     assert "noise, not a picture" in out
-    # The progress bar, echoed from the server's log one line at a time: each keyframe step (1/12
+    # The progress bar, echoed from the server's log one line at a time: each keyframe step (1/4
     # of the work) passes a multiple of 2%, so each has its line, which names it.
-    assert keyframe_step_lines(out) == [f"keyframes, step {step}/12" for step in range(1, 13)]
+    assert keyframe_step_lines(out) == [f"keyframes, step {step}/4" for step in range(1, 5)]
     assert_nothing_left(tmp_path)
 
 
@@ -105,16 +105,16 @@ def test_a_prediction_on_a_running_server_writes_the_asked_video_and_leaves_the_
     result = run_script(
         [
             "-i", "prompt=a red panda eating bamboo", "-i", "seed=3", "-i", "output_stage=sr1", "-i", "fps=12",
-            "-i", "keyframe_steps=12", "-i", "interpolation_steps=1", "-i", "first_frame_steps=1",
+            "-i", "keyframe_steps=4", "-i", "interpolation_steps=1", "-i", "first_frame_steps=1",
             "-i", "sr1_steps=1", "--url", cog_server.url,
         ],
         tmp_path,
     )
     out = assert_video_written(result, tmp_path, (29, 160, 256, 3), 12,
                                ["text", "keyframes", "interpolation", "first_frame", "sr1"])
-    # The prediction's log, printed when it has ended: each keyframe step (3.7% of the work) and
-    # each sr1 window's step (9.3%) passes a multiple of 2%, so each has its line.
-    assert keyframe_step_lines(out) == [f"keyframes, step {step}/12" for step in range(1, 13)]
+    # The prediction's log, printed when it has ended: each keyframe step (5.3% of the work) and
+    # each sr1 window's step (13.3%) passes a multiple of 2%, so each has its line.
+    assert keyframe_step_lines(out) == [f"keyframes, step {step}/4" for step in range(1, 5)]
     assert progress_lines(out)[-1].endswith("] sr1 window 4/4, step 1/1")
     assert_nothing_left(tmp_path)
     cog_server.wait_until_idle()

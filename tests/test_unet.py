@@ -142,6 +142,26 @@ def test_every_attention_uses_fused_sdpa(name):
     assert processors and processors <= {"PaddedHeadsAttnProcessor", "PaddedHeadsAddedKVProcessor"}, processors
 
 
+@pytest.mark.parametrize("name", ["base", "sr2"])
+def test_one_video_under_two_rows_of_text_equals_the_video_given_twice(name):
+    """The guidance batch (show1.sampling.predict_noise) gives each video once with its two rows of
+    text: the UNet runs conv_in (and sr2's transformer_in) once and repeats its output. Base's text
+    also enters its time embedding; sr2's first temporal transformer is the costly layer shared."""
+    data = expected(f"unet_{name}")
+    # A crop of the fixture's first video: what is shared does not depend on the size.
+    video = torch.from_numpy(data["sample"][:1, :, :3, :16, :24])
+    text = torch.from_numpy(data["encoder_hidden_states"])
+    unet = load_unet(name)
+    with torch.no_grad():
+        once = unet(video, 500, encoder_hidden_states=text).sample
+        twice = unet(torch.cat([video, video]), 500, encoder_hidden_states=text).sample
+        with pytest.raises(ValueError, match="3 rows of text states for 2 videos"):
+            unet(torch.cat([video, video]), 500, encoder_hidden_states=torch.cat([text, text[:1]]))
+    assert once.shape == twice.shape == (2, data["output"].shape[1], 3, 16, 24)
+    torch.testing.assert_close(once, twice, rtol=0, atol=1e-5)
+    assert (once[0] - once[1]).abs().max() > 1e-2  # the two rows of text do give two outputs
+
+
 def temporal_chunk_sizes(unet) -> set:
     """The feed-forward chunk size of every temporal transformer block of `unet`."""
     return {block._chunk_size for module in unet.modules() if isinstance(module, TransformerTemporalModel)

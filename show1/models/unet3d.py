@@ -9,6 +9,10 @@ published configs and state-dict names, and computes what the reference class co
 - `transfromer_in_opt` (sic, a published config key) adds a temporal transformer after conv_in
   with 8 heads of 64 whatever the channel count;
 - output [B, C_out, F, H, W].
+
+One extension: the text states may hold several rows per video (classifier-free guidance gives
+each video an unconditional and a conditional row). conv_in and transformer_in read neither the
+text nor the timestep, so they run once per video and their output is repeated for each row.
 """
 
 from dataclasses import dataclass
@@ -249,7 +253,13 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin):
         return emb
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, return_dict=True):
-        batch, _, num_frames, height, width = sample.shape
+        """sample [B, C, F, H, W]; encoder_hidden_states [k*B, L, D], k rows of text per video, the
+        rows of each kind together (the guidance batch: B unconditional, then B conditional);
+        timestep and class_labels: one value, or one per row. Returns [k*B, C_out, F, H, W]."""
+        videos, _, num_frames, height, width = sample.shape
+        batch = encoder_hidden_states.shape[0]
+        if batch % videos:
+            raise ValueError(f"{batch} rows of text states for {videos} videos: expected a multiple")
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.embed_conditions(timestep, class_labels, encoder_hidden_states, batch, sample.dtype)
@@ -258,10 +268,12 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin):
         emb = emb.repeat_interleave(num_frames, dim=0)
         encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
 
-        hidden_states = sample.permute(0, 2, 1, 3, 4).reshape(batch * num_frames, -1, height, width)
+        hidden_states = sample.permute(0, 2, 1, 3, 4).reshape(videos * num_frames, -1, height, width)
         hidden_states = self.conv_in(hidden_states)
         if self.transformer_in is not None:
             hidden_states = self.transformer_in(hidden_states, num_frames=num_frames).sample
+        # Everything above is the same for every row of text of a video; from here on each has its own.
+        hidden_states = hidden_states.repeat(batch // videos, 1, 1, 1)
 
         skips = (hidden_states,)
         for block in self.down_blocks:
