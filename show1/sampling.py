@@ -81,9 +81,9 @@ def scheduler_step(scheduler, noise_pred, t, sample, generator, noise=None):
 
 def predict_noise(unet, model_input, t, text_states, class_labels):
     """The network's output [2B, C, F, H, W] for the guidance batch: the videos [B, C, F, H, W] under
-    each of the 2B rows of text states. The Show-1 UNet takes each video once (its layers before the
-    first that reads the text run once per video); IF-II's 2-D UNet takes a one-frame video as
-    images, one copy per row."""
+    each of the 2B rows of text states. The Show-1 UNet takes each video once (its input layers,
+    which read neither text nor timestep, run once per video); IF-II's 2-D UNet takes a one-frame
+    video as images, one copy per row."""
     model_input = model_input.to(unet.dtype)
     if isinstance(unet, UNet2DConditionModel):
         images = model_input[:, :, 0].repeat(text_states.shape[0] // model_input.shape[0], 1, 1, 1)
