@@ -30,6 +30,31 @@ SMALL_FINAL_FRAMES = (32, 64)
 torch.set_num_threads(2)
 
 
+def keep_freed_memory():
+    """Makes glibc's malloc keep the memory this process frees, for the next allocation.
+
+    By default glibc maps every block over 32 MiB on its own and unmaps it when it is freed, so
+    each of the tiny networks' full-size activations (84 MB for one of sr1's) starts on fresh pages
+    that the kernel must fault in and zero. An sr1 forward took 5.4 s, with as much CPU time in the
+    kernel as in PyTorch; 2.4 s with this. Only this process: the Cog servers the
+    tests start run with glibc's defaults, as the image does, so that their memory tests see what a
+    container's would. Results do not change (PyTorch aligns its blocks the same either way)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return  # not glibc: the tests run, only slower
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    mallopt(m_mmap_max, 0)  # every block from the heap, none mapped on its own
+    mallopt(m_trim_threshold, 2**31 - 1)  # and the heap's free top kept up to 2 GiB
+
+
+keep_freed_memory()
+
+
 def expected(name):
     """The reference implementation's arrays for one check (tests/fixtures/reference/README.md)."""
     with np.load(EXPECTED / f"{name}.npz") as data:
@@ -67,6 +92,19 @@ def reference_settings():
     import json
 
     return json.loads((EXPECTED / "settings.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def published_dry_run():
+    """`script/gpu-check --dry-run` in this process, every stage: what it prints (one string) and
+    what it returns (the JSON of its --out). Its fake-tensor forwards at the published sizes take
+    seconds, so the tests of the memory prediction, of the plans' weight transfers and of the
+    attention calls read one run."""
+    from bench.gpu_check import dry_run, parse_args
+
+    lines = []
+    result = dry_run(parse_args(["--dry-run"]), out=lines.append)
+    return "\n".join(lines), result
 
 
 @pytest.fixture(scope="session")

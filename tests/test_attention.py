@@ -16,7 +16,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import show1.pipeline as pipeline_module
 from bench.fake_memory import FlashAttentionStandIn
-from bench.gpu_check import dry_run, parse_args
 from bench.random_weights import folder_class, network_config, published_configs, random_network, tiny_repos
 from conftest import REFERENCE_WEIGHTS
 from show1.attention import (
@@ -249,8 +248,7 @@ def test_at_the_published_size_no_attention_call_needs_flash_and_without_padding
     assert fake_forward_calls_needing_flash(with_diffusers_processors(unet())) == len(needing_padding)
 
 
-def test_the_dry_run_reports_the_calls_needing_flash():
-    lines = []
-    result = dry_run(parse_args(["--dry-run", "--stages", "keyframes"]), out=lines.append)
-    assert "attention_calls_needing_flash=0" in lines
+def test_the_dry_run_reports_the_calls_needing_flash(published_dry_run):
+    stdout, result = published_dry_run
+    assert "attention_calls_needing_flash=0" in stdout.splitlines()
     assert result["attention_calls_needing_flash"] == 0

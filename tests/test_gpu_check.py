@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.fake_memory import FlashAttentionStandIn, LiveStorageBytes
-from bench.gpu_check import dry_run, parse_args
+from bench.gpu_check import parse_args
 from bench.step_clock import StageSteps, default_steps_per_loop, estimate_video, short_run_settings
 from bench.switches import FirstCall, measure_switch
 from show1.settings import Show1Settings
@@ -113,6 +113,10 @@ def test_the_command_refuses_a_missing_gpu_and_unknown_switches(capsys):
             parse_args(["--device", "cuda"])
         assert "--dry-run" in capsys.readouterr().err
     assert parse_args(["--switches", "none", "--device", "cpu"]).switches == []
+    assert parse_args(["--dry-run", "--stages", "first_frame,sr2"]).stages == ["first_frame", "sr2"]
+    with pytest.raises(SystemExit):
+        parse_args(["--dry-run", "--stages", "sr3"])
+    assert "sr3" in capsys.readouterr().err
 
 
 def test_switches_apply_to_a_network_and_restore_it():
@@ -179,24 +183,28 @@ def test_tiny_cpu_run_answers_every_question_and_ends_with_the_summary(tmp_path)
     assert all(r["seconds_per_forward"] > 0 and r["warmup_seconds"] > 0 for r in measured)
 
 
-def test_dry_run_predicts_the_first_frame_stage_at_its_published_size():
-    # In this process (the command's own run, with --out, is the tiny run's test above).
-    lines = []
-    prediction = dry_run(parse_args(["--dry-run", "--stages", "first_frame"]), out=lines.append)
-    stdout = "\n".join(lines)
+def test_dry_run_predicts_every_stage_at_its_published_size(published_dry_run):
+    # In this process, shared with test_offload and test_attention (the command's own run, with
+    # --out, is the tiny run's test above).
+    stdout, prediction = published_dry_run
     print(stdout)
     match = re.search(r"^predicted_peak_gib resident=(\d+\.\d\d) low_memory=(\d+\.\d\d)$", stdout, re.MULTILINE)
     assert match, stdout
-    stage = prediction["stages"]["first_frame"]
+    stages = prediction["stages"]
+    assert list(stages) == ["text", "keyframes", "interpolation", "first_frame", "sr1", "sr2"]
+    stage = stages["first_frame"]
     # IF-II-L's 1,243,277,190 parameters in float16.
     assert stage["weights_gib"] == pytest.approx(1_243_277_190 * 2 / GIB)
     # Batch 2 at 256x160 with fused attention: hundreds of MiB, never the GiBs of the math kernel.
     assert 0.1 < stage["activations_gib"] < 1.0
     # Low-memory: the stage alone, and sr1's networks (1.48 GiB), uploaded while it computes.
     assert stage["prefetches"] == "sr1"
-    assert float(match.group(2)) == pytest.approx(stage["weights_gib"] + stage["activations_gib"] + 1.48, abs=0.011)
-    # Resident: every network of the cascade (12.1 B parameters, T5's wo in float32) plus these activations.
-    assert 24 < float(match.group(1)) - stage["activations_gib"] < 25
+    assert stage["low_memory_gib"] == pytest.approx(stage["weights_gib"] + stage["activations_gib"] + 1.48, abs=0.011)
+    # The low-memory plan's peak is its largest stage's.
+    assert float(match.group(2)) == pytest.approx(max(s["low_memory_gib"] for s in stages.values()), abs=0.006)
+    # Resident: every network of the cascade (12.1 B parameters, T5's wo in float32) plus the
+    # largest activations of any stage.
+    assert 24 < float(match.group(1)) - max(s["activations_gib"] for s in stages.values()) < 25
     # The plan that predict.py picks on each of Replicate's GPUs, from its total memory.
     assert "plan_for_total_gib 14.7=low_memory 22.0=low_memory 39.6=resident 44.4=resident 79.2=resident" in stdout
     # A default video's weight moves: the low-memory plan uploads each weight once, nothing comes back.

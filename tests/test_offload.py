@@ -10,7 +10,6 @@ import torch
 
 from bench import fake_memory
 from bench.random_weights import random_components
-from bench.transfers import count_transfers
 from conftest import FAST
 from device_trace import VirtualDevice
 from show1 import Show1Pipeline
@@ -89,33 +88,36 @@ def test_pinned_host_copies_take_little_more_than_the_weights_at_the_published_s
 # The plan's numbers
 
 
-@pytest.fixture(scope="module")
-def prediction():
-    return fake_memory.predict(out=lambda line: None)
+# The fake-tensor prediction at the published sizes and the plans' transfers (bench.fake_memory,
+# bench.transfers), in GiB, as `script/gpu-check --dry-run` computes them: one run (conftest.py).
 
 
-def test_predicted_stage_numbers_are_the_fake_tensor_prediction(prediction):
+def test_predicted_stage_numbers_are_the_fake_tensor_prediction(published_dry_run):
+    _, prediction = published_dry_run
     for stage in STAGES:
-        predicted = prediction.stages[stage]
-        assert PREDICTED_STAGE_WEIGHTS_GIB[stage] == pytest.approx(predicted.weight_bytes / GIB, abs=0.01), stage
-        assert PREDICTED_STAGE_ACTIVATIONS_GIB[stage] == pytest.approx(predicted.activation_peak_bytes / GIB, abs=0.01), stage
-    assert PREDICTED_PEAK_GIB[RESIDENT.name] == pytest.approx(prediction.resident_bytes / GIB, abs=0.01)
-    assert PREDICTED_PEAK_GIB[LOW_MEMORY.name] == pytest.approx(prediction.low_memory_bytes / GIB, abs=0.01)
+        predicted = prediction["stages"][stage]
+        assert PREDICTED_STAGE_WEIGHTS_GIB[stage] == pytest.approx(predicted["weights_gib"], abs=0.01), stage
+        assert PREDICTED_STAGE_ACTIVATIONS_GIB[stage] == pytest.approx(predicted["activations_gib"], abs=0.01), stage
+    for plan in (RESIDENT, LOW_MEMORY):
+        assert PREDICTED_PEAK_GIB[plan.name] == pytest.approx(prediction["predicted_peak_gib"][plan.name], abs=0.01)
 
 
-def test_prefetching_keeps_the_low_memory_peak_within_its_goal(prediction):
-    assert prediction.low_memory_bytes / GIB <= LOW_MEMORY_GOAL_GIB
+def test_prefetching_keeps_the_low_memory_peak_within_its_goal(published_dry_run):
+    _, prediction = published_dry_run
+    assert prediction["predicted_peak_gib"][LOW_MEMORY.name] <= LOW_MEMORY_GOAL_GIB
     # T5 fills most of the goal on its own: nothing is prefetched during the text stage.
-    assert [prediction.prefetched(stage) for stage in STAGES] == [None, "interpolation", "first_frame", "sr1", "sr2", None]
+    assert [prediction["stages"][stage]["prefetches"] for stage in STAGES] == [
+        None, "interpolation", "first_frame", "sr1", "sr2", None]
     assert not prefetch_fits("text", "keyframes")
 
 
-def test_a_default_video_uploads_each_weight_once_where_the_reference_moves_it_there_and_back():
-    low_memory = count_transfers(LOW_MEMORY)
-    assert low_memory.weight_bytes / GIB == pytest.approx(24.40, abs=0.01)
-    assert (low_memory.h2d_bytes, low_memory.d2h_bytes) == (low_memory.weight_bytes, 0)
-    reference = count_transfers(REFERENCE_PLAN)
-    assert reference.h2d_bytes == reference.d2h_bytes == reference.weight_bytes
+def test_a_default_video_uploads_each_weight_once_where_the_reference_moves_it_there_and_back(published_dry_run):
+    _, prediction = published_dry_run
+    low_memory, reference = (prediction["transfers_gib"][plan.name] for plan in (LOW_MEMORY, REFERENCE_PLAN))
+    assert low_memory["weights"] == pytest.approx(24.40, abs=0.01)
+    # The same byte counts divided alike: equal GiB figures are equal byte counts.
+    assert (low_memory["h2d"], low_memory["d2h"]) == (low_memory["weights"], 0)
+    assert reference["h2d"] == reference["d2h"] == reference["weights"]
 
 
 # Whole videos

@@ -21,7 +21,7 @@ from show1.frames import from_uint8_frames, resize_frames, to_uint8_frames
 from show1.sampling import randn, seeded_generator
 from show1.stages import first_frame, interpolation, keyframes, sr1, sr2
 from show1.stages.sr1 import WINDOW, window_starts
-from show1.stages.sr2 import HEIGHT, WIDTH, initial_latents, partial_timesteps
+from show1.stages.sr2 import HEIGHT, WIDTH, initial_latents
 from show1.stages.text import encode_clip
 
 ONE_ULP = 1 + 2**-23
@@ -174,32 +174,40 @@ def test_sr1_frames_convert_to_the_reference_uint8(reference_settings):
 
 
 @pytest.fixture(scope="module")
-def latent_stage_inputs(tiny_pipeline, reference_settings):
+def latent_stage_run(tiny_pipeline, reference_settings):
+    """sr2 run once on the reference's sr1 frames with the reference's settings: its output, and
+    the one call of its `initial_latents` (arguments and result), recorded as the stage made it."""
     c = tiny_pipeline.components
     text = encode_clip(c.text.clip_tokenizer, c.text.clip, reference_settings["prompt"],
                        reference_settings["negative_prompt"])
-    return c.sr2, text, torch.from_numpy(expected("sr1")["frames"]).float()
+    sr1_frames = torch.from_numpy(expected("sr1")["frames"]).float()
+    calls = []
+
+    def recorded_initial_latents(*args):
+        calls.append((args, initial_latents(*args)))
+        return calls[-1][1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sr2, "initial_latents", recorded_initial_latents)
+        video = sr2.run(
+            c.sr2, text, sr1_frames, seed=reference_settings["seed"],
+            steps=reference_settings["steps"]["sr2"], strength=reference_settings["sr2_strength"],
+            guidance=reference_settings["guidance"]["sr2"],
+        )
+    (initial_call,) = calls
+    return sr1_frames, initial_call, video
 
 
-def test_sr2_initial_latents(latent_stage_inputs, reference_settings):
-    parts, _, sr1 = latent_stage_inputs
-    timesteps = partial_timesteps(parts.scheduler, reference_settings["steps"]["sr2"],
-                                  reference_settings["sr2_strength"])
+def test_sr2_initial_latents(latent_stage_run, reference_settings):
+    sr1_frames, ((_, _, pixels, timesteps, _), latents), _ = latent_stage_run
     assert timesteps.tolist() == reference_settings["timesteps"]["sr2"]
-    pixels = from_uint8_frames(resize_frames(to_uint8_frames(sr1), WIDTH, HEIGHT))
-    latents = initial_latents(parts.vae, parts.scheduler, pixels, timesteps,
-                              seeded_generator(reference_settings["seed"]))
+    assert torch.equal(pixels, from_uint8_frames(resize_frames(to_uint8_frames(sr1_frames), WIDTH, HEIGHT)))
     reference = torch.from_numpy(expected("sr2")["latents_initial"])
     assert (latents - reference).abs().max() <= 1e-3
 
 
-def test_sr2(latent_stage_inputs, reference_settings):
-    parts, text, sr1 = latent_stage_inputs
-    video = sr2.run(
-        parts, text, sr1, seed=reference_settings["seed"],
-        steps=reference_settings["steps"]["sr2"], strength=reference_settings["sr2_strength"],
-        guidance=reference_settings["guidance"]["sr2"],
-    )
+def test_sr2(latent_stage_run):
+    *_, video = latent_stage_run
     reference = expected("sr2")
     subset = video[:, :, reference["subset_frame_indices"]]
     stored = torch.from_numpy(reference["frames_float16_subset"]).float()
