@@ -36,9 +36,9 @@ def keep_freed_memory():
     By default glibc maps every block over 32 MiB on its own and unmaps it when it is freed, so
     each of the tiny networks' full-size activations (84 MB for one of sr1's) starts on fresh pages
     that the kernel must fault in and zero. An sr1 forward took 5.4 s, with as much CPU time in the
-    kernel as in PyTorch; 2.4 s with this. Only this process: the Cog servers the
-    tests start run with glibc's defaults, as the image does, so that their memory tests see what a
-    container's would. Results do not change (PyTorch aligns its blocks the same either way)."""
+    kernel as in PyTorch; 2.4 s with this. Only this process: the Cog servers the tests start run
+    with glibc's defaults, as the image does, so that their memory tests see what a container's
+    would. Results do not change (PyTorch aligns its blocks the same either way)."""
     import ctypes
     import ctypes.util
 
@@ -53,6 +53,18 @@ def keep_freed_memory():
 
 
 keep_freed_memory()
+
+
+def recording(function, calls):
+    """`function`, unchanged, appending each call's (args, kwargs, result) to `calls`: a test reads
+    what a stage handed over, or computed on the way, from the run that made it."""
+
+    def recorded(*args, **kwargs):
+        result = function(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+
+    return recorded
 
 
 def expected(name):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, SMALL_KEYFRAMES, expected
+from conftest import FAST, SMALL_KEYFRAMES, expected, recording
 from show1 import Show1Pipeline
 from show1.components import STAGES
 from show1.stages import first_frame, interpolation, keyframes, sr1, sr2
@@ -12,18 +12,6 @@ from show1.stages.text import encode_t5
 
 STAGE_MODULES = {"keyframes": keyframes, "interpolation": interpolation, "first_frame": first_frame, "sr1": sr1,
                  "sr2": sr2}
-
-
-def recording(module, calls):
-    """The module's `run`, unchanged, recording each call's arguments and result in `calls`."""
-    original = module.run
-
-    def run(*args, **kwargs):
-        result = original(*args, **kwargs)
-        calls.append((args, kwargs, result))
-        return result
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def reference_chain(tiny_pipeline, reference_settings):
     finished, calls = [], {stage: [] for stage in STAGE_MODULES}
     with pytest.MonkeyPatch.context() as patch:
         for stage, module in STAGE_MODULES.items():
-            patch.setattr(module, "run", recording(module, calls[stage]))
+            patch.setattr(module, "run", recording(module.run, calls[stage]))
         output = tiny_pipeline(
             s["prompt"], seed=s["seed"], negative_prompt=s["negative_prompt"],
             keyframe_steps=s["steps"]["keyframes"], interpolation_steps=s["steps"]["interpolation"],

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import show1.sampling as sampling
-from conftest import expected
+from conftest import expected, recording
 from show1.frames import from_uint8_frames, resize_frames, to_uint8_frames
 from show1.sampling import randn, seeded_generator
 from show1.stages import first_frame, interpolation, keyframes, sr1, sr2
@@ -182,13 +182,8 @@ def latent_stage_run(tiny_pipeline, reference_settings):
                        reference_settings["negative_prompt"])
     sr1_frames = torch.from_numpy(expected("sr1")["frames"]).float()
     calls = []
-
-    def recorded_initial_latents(*args):
-        calls.append((args, initial_latents(*args)))
-        return calls[-1][1]
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sr2, "initial_latents", recorded_initial_latents)
+        patch.setattr(sr2, "initial_latents", recording(initial_latents, calls))
         video = sr2.run(
             c.sr2, text, sr1_frames, seed=reference_settings["seed"],
             steps=reference_settings["steps"]["sr2"], strength=reference_settings["sr2_strength"],
@@ -199,7 +194,7 @@ def latent_stage_run(tiny_pipeline, reference_settings):
 
 
 def test_sr2_initial_latents(latent_stage_run, reference_settings):
-    sr1_frames, ((_, _, pixels, timesteps, _), latents), _ = latent_stage_run
+    sr1_frames, ((_, _, pixels, timesteps, _), _, latents), _ = latent_stage_run
     assert timesteps.tolist() == reference_settings["timesteps"]["sr2"]
     assert torch.equal(pixels, from_uint8_frames(resize_frames(to_uint8_frames(sr1_frames), WIDTH, HEIGHT)))
     reference = torch.from_numpy(expected("sr2")["latents_initial"])
